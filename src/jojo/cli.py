@@ -1,0 +1,113 @@
+"""`jojo <command>`: parse arguments, call one function per command. No logic lives here.
+
+Errors the user can fix (`JojoError`) print as one line on stderr with exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jojo import commands
+from jojo.commands import EMBEDDED
+from jojo.errors import JojoError
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jojo", description="Build a language model from scratch, end to end.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quickstart", help="the whole pipeline on the embedded corpus, with a report")
+    q.add_argument("--out", default="runs/quickstart", help="run directory for every artefact")
+    q.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply the training budget and corpus (default 1: ~5 min on 2 CPU cores)",
+    )
+    q.add_argument("--family", choices=["gpt2", "llama"], default="gpt2")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--seed", type=int, default=0)
+
+    tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    tsub = tok.add_subparsers(dest="tokenizer_command", required=True)
+    tt = tsub.add_parser("train", help="train a tokenizer on a corpus")
+    tt.add_argument(
+        "--input", default=EMBEDDED, help=f"a file, folder or glob ('{EMBEDDED}' = Jojo's generated corpus)"
+    )
+    tt.add_argument("--vocab-size", type=int, default=4096)
+    tt.add_argument("--out", required=True, help="output directory (or path ending in .json)")
+    tt.add_argument("--field", default="text", help="text field of JSON/JSONL records")
+    tt.add_argument("--docs", type=int, default=20000, help="documents of the embedded corpus")
+
+    pr = sub.add_parser("prepare", help="tokenize a corpus into token shards")
+    pr.add_argument(
+        "--source", default=EMBEDDED, help=f"a file, folder or glob ('{EMBEDDED}' = Jojo's generated corpus)"
+    )
+    pr.add_argument("--out", required=True, help="output directory for shards and meta.json")
+    pr.add_argument("--tokenizer", help="tokenizer.json to use; default: train one on the corpus")
+    pr.add_argument("--vocab-size", type=int, default=4096, help="when training a tokenizer")
+    pr.add_argument("--val-fraction", type=float, default=0.05)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--field", default="text")
+    pr.add_argument("--docs", type=int, default=20000, help="documents of the embedded corpus")
+
+    tr = sub.add_parser(
+        "train",
+        help="pretrain or continue training a model",
+        description="Overrides: --section.key=value (sections: model, data, optimizer, schedule, system, logging) "
+        "or the flat flags --dataset --epochs --max-iters --batch-size --learning-rate --eval-interval "
+        "--log-interval --checkpoint-interval --seed --device --output-checkpoint.",
+    )
+    tr.add_argument("--config", default="tiny", help="JSON config file or preset name (configs/)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    tr.add_argument("--init-from", help="start from this checkpoint's weights (fresh optimizer and step)")
+    tr.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+    tr.add_argument("--save-config", help="write the resolved config to this JSON file and exit")
+
+    ge = sub.add_parser("generate", help="sample text from a checkpoint")
+    ge.add_argument("checkpoint", help="checkpoint directory or run directory")
+    src = ge.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=None)
+    src.add_argument("--prompt-file")
+    ge.add_argument("--num-samples", type=int, default=1)
+    ge.add_argument("--output", help="also write the samples to this file")
+    ge.add_argument("--no-stream", action="store_true", help="print each sample when done instead of streaming")
+    _add_sampling_flags(ge)
+
+    pl = sub.add_parser("plot", help="redraw a run's loss curve (loss.png) from its metrics.jsonl")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", help="PNG path (default RUN_DIR/loss.png)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return commands.dispatch(args, rest) or 0
+    except JojoError as exc:
+        print(f"jojo: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jojo: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Batches from prepared token shards.
+
+Shards are memory-mapped: nothing is read until a row is used, so a corpus of any size costs no RAM.
+A split is cut into rows of block_size + 1 tokens (inputs and their next-token targets). Each epoch visits
+every row once: shards in a seeded random order, rows within a shard in a seeded random order. A training
+step takes `batch_size * world_size` consecutive rows of that order and rank r keeps its own slice, so ranks
+read disjoint data and N processes see exactly the rows one process with N times the batch would.
+
+The position (epoch, rows consumed) is the loader's whole state: saving it with a checkpoint makes a resumed
+run read exactly what an uninterrupted one would have.
+
+With `doc_aligned`, rows start at document starts (every document begins with <|endoftext|>), and documents
+longer than a row continue in further rows, as nanochat's BOS-aligned loader does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jojo.data.prepare import load_meta
+from jojo.errors import JojoError
+
+
+class TokenSplit:
+    """The memory-mapped shards of one split."""
+
+    def __init__(self, data_dir: str | Path, split: str):
+        self.data_dir = Path(data_dir)
+        self.meta = load_meta(self.data_dir)
+        if split not in self.meta["splits"]:
+            raise JojoError(f"{self.data_dir} has no '{split}' split; re-run `jojo prepare`")
+        self.split = split
+        self.info = self.meta["splits"][split]
+        dtype = np.dtype(self.meta["dtype"])
+        self.shards = [
+            np.memmap(self.data_dir / s["file"], dtype=dtype, mode="r", shape=(s["tokens"],))
+            for s in self.info["shards"]
+            if s["tokens"] > 0
+        ]
+        self.eot_id = self.meta["eot_id"]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s) for s in self.shards)
+
+    def row_starts(self, shard: int, block_size: int, doc_aligned: bool) -> np.ndarray:
+        tokens = self.shards[shard]
+        n = len(tokens) - 1  # the last token of a shard has no target
+        if not doc_aligned:
+            return np.arange(0, n - block_size + 1, block_size, dtype=np.int64)
+        doc_starts = np.flatnonzero(np.asarray(tokens) == self.eot_id)
+        ends = np.append(doc_starts[1:], len(tokens))
+        starts = [np.arange(s, e, block_size) for s, e in zip(doc_starts, ends)]
+        starts = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
+        return starts[starts + block_size <= n]
+
+
+class BatchLoader:
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str,
+        batch_size: int,
+        block_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        doc_aligned: bool = False,
+        shuffle: bool = True,
+    ):
+        self.data = TokenSplit(data_dir, split)
+        self.batch_size, self.block_size = batch_size, block_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.doc_aligned, self.shuffle = doc_aligned, shuffle
+        self.starts = [self.data.row_starts(i, block_size, doc_aligned) for i in range(len(self.data.shards))]
+        self.rows_per_epoch = sum(len(s) for s in self.starts)
+        self.rows_per_step = batch_size * world_size
+        if self.rows_per_epoch < self.rows_per_step:
+            raise JojoError(
+                f"the '{split}' split of {data_dir} has {self.data.num_tokens} tokens: fewer than one batch of "
+                f"{self.rows_per_step} rows x {block_size + 1} tokens; use more data, a smaller --batch-size "
+                "or a shorter model.block_size"
+            )
+        self.epoch = 0
+        self.position = 0  # rows of this epoch already consumed (by all ranks together)
+        self._order_epoch = -1
+
+    # ---- order ---------------------------------------------------------------------------------------
+    def _build_order(self) -> None:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        shard_order = rng.permutation(len(self.starts)) if self.shuffle else np.arange(len(self.starts))
+        pieces = []
+        for s in shard_order:
+            rows = self.starts[s]
+            rows = rows[rng.permutation(len(rows))] if self.shuffle else rows
+            pieces.append(np.stack([np.full(len(rows), s, dtype=np.int64), rows], axis=1))
+        self._order = np.concatenate(pieces)
+        self._order_epoch = self.epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.rows_per_epoch // self.rows_per_step
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if self.position + self.rows_per_step > self.rows_per_epoch:
+            self.epoch += 1
+            self.position = 0  # the tail that does not fill a global batch is dropped
+        if self._order_epoch != self.epoch:
+            self._build_order()
+        lo = self.position + self.rank * self.batch_size
+        picks = self._order[lo : lo + self.batch_size]
+        self.position += self.rows_per_step
+        return self._rows(picks)
+
+    def _rows(self, picks: np.ndarray) -> dict[str, torch.Tensor]:
+        T = self.block_size
+        buf = np.stack([np.asarray(self.data.shards[s][r : r + T + 1], dtype=np.int64) for s, r in picks])
+        t = torch.from_numpy(buf)
+        return {"input_ids": t[:, :-1], "targets": t[:, 1:]}
+
+    def iter_sequential(self, max_batches: int = 0):
+        """Every row of the split in file order (for evaluation), ignoring ranks and the epoch state."""
+        pairs = [(s, r) for s, rows in enumerate(self.starts) for r in rows]
+        count = 0
+        for i in range(0, len(pairs), self.batch_size):
+            if max_batches and count >= max_batches:
+                return
+            yield self._rows(np.array(pairs[i : i + self.batch_size], dtype=np.int64))
+            count += 1
+
+    # ---- state ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

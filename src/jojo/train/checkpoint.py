@@ -1,0 +1,199 @@
+"""Checkpoints: self-describing directories that a crash never leaves half-written.
+
+A checkpoint is a directory:
+
+    model.safetensors   the weights (tied tensors stored once)
+    config.json         the model config (architecture)
+    tokenizer.json      the tokenizer the model was trained with
+    state.json          step, metrics, tokenizer hash, run config, data position, RNG states
+    optimizer.pt        optimizer and scheduler state (tensors only; loaded with weights_only=True)
+
+A run directory holds numbered checkpoints `step-000100/` and two symbolic links, `latest` and `best`.
+Writes go to a temporary directory that is fsynced, renamed into place, and only then does the link move
+(itself via an atomic rename), so `latest` always points at a complete checkpoint, even after a kill -9
+in the middle of a save. Wherever a command takes CKPT it also accepts a run directory (meaning `latest`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from jojo.config import ModelConfig, model_config_from_dict
+from jojo.errors import JojoError
+from jojo.tokenizer import TOKENIZER_FILE, Tokenizer
+
+WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "config.json"
+STATE = "state.json"
+OPTIMIZER = "optimizer.pt"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without duplicate entries for tied weights (safetensors refuses shared storage)."""
+    out, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = tensor.data_ptr(), tensor.shape
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().contiguous().cpu()
+    return out
+
+
+def write_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    state: dict,
+    optimizer_state: dict | None = None,
+    keep_last: int = 2,
+    best: bool = False,
+) -> Path:
+    """Write step-NNNNNN atomically, point `latest` (and `best` if asked) at it, prune old ones."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:06d}"
+    final = run_dir / name
+    tmp = run_dir / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(unique_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+    cfg: ModelConfig = model.config
+    (tmp / MODEL_CONFIG).write_text(json.dumps(cfg.__dict__, indent=2) + "\n")
+    (tmp / TOKENIZER_FILE).write_text(tokenizer.to_json())
+    full_state = {"step": step, "tokenizer_hash": tokenizer.hash, "saved_at": time.time(), **state}
+    (tmp / STATE).write_text(json.dumps(full_state, indent=2) + "\n")
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / OPTIMIZER)
+    _fsync_tree(tmp)
+    if final.exists():  # re-saving the same step (e.g. after an evaluation): replace it whole
+        old = run_dir / f".old-{name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(run_dir)
+    _point(run_dir, "latest", name)
+    if best:
+        _point(run_dir, "best", name)
+    _prune(run_dir, keep_last)
+    return final
+
+
+def _point(run_dir: Path, link: str, target: str) -> None:
+    tmp = run_dir / f".{link}.tmp-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, run_dir / link)
+    _fsync_dir(run_dir)
+
+
+def _prune(run_dir: Path, keep_last: int) -> None:
+    keep = {os.readlink(run_dir / ln) for ln in ("latest", "best") if (run_dir / ln).is_symlink()}
+    steps = sorted(p.name for p in run_dir.glob("step-*") if p.is_dir())
+    keep.update(steps[-keep_last:])
+    for name in steps:
+        if name not in keep:
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+    for stale in run_dir.glob(".tmp-step-*"):  # left by a killed save
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (-> its latest checkpoint)."""
+    path = Path(path)
+    if (path / WEIGHTS).is_file():
+        return path
+    if (path / "latest" / WEIGHTS).is_file():
+        return (path / "latest").resolve()
+    if not path.exists():
+        raise JojoError(f"checkpoint not found: {path}; pass a checkpoint directory or a run directory")
+    raise JojoError(f"{path} holds no {WEIGHTS} and no 'latest' checkpoint; is it a Jojo run or checkpoint directory?")
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+    """-> (model, tokenizer, state). The model is in eval mode on `device`; checks the tokenizer matches."""
+    from jojo.model import GPT
+
+    ckpt = resolve_checkpoint(path)
+    try:
+        cfg_dict = json.loads((ckpt / MODEL_CONFIG).read_text())
+        state = json.loads((ckpt / STATE).read_text()) if (ckpt / STATE).is_file() else {}
+    except FileNotFoundError:
+        raise JojoError(f"checkpoint {ckpt} lacks {MODEL_CONFIG}; it is incomplete") from None
+    except json.JSONDecodeError:
+        raise JojoError(f"checkpoint {ckpt} has a corrupt JSON file; use another checkpoint") from None
+    if not (ckpt / TOKENIZER_FILE).is_file():
+        raise JojoError(f"checkpoint {ckpt} has no {TOKENIZER_FILE}; copy the tokenizer it was trained with into it")
+    tokenizer = Tokenizer.load(ckpt / TOKENIZER_FILE)
+    if state.get("tokenizer_hash") and state["tokenizer_hash"] != tokenizer.hash:
+        raise JojoError(
+            f"the tokenizer in {ckpt} is not the one this model was trained with (hash {tokenizer.hash} != "
+            f"{state['tokenizer_hash']}); restore the original tokenizer.json"
+        )
+    cfg = model_config_from_dict(cfg_dict)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise JojoError(
+            f"the tokenizer in {ckpt} has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}; "
+            "it comes from another tokenizer"
+        )
+    model = GPT(cfg)
+    try:
+        weights = load_file(str(ckpt / WEIGHTS))
+    except (SafetensorError, OSError) as exc:
+        raise JojoError(f"cannot read {ckpt / WEIGHTS}: {exc}; the file is corrupt") from None
+    load_weights(model, weights, str(ckpt))
+    model.to(device).eval()
+    return model, tokenizer, state
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str = "") -> None:
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # Tied weights are stored once: the head aliases the embedding.
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]
+    if missing or unexpected:
+        raise JojoError(
+            f"weights in {where} do not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+
+
+def load_optimizer_state(path: str | Path) -> dict | None:
+    f = resolve_checkpoint(path) / OPTIMIZER
+    if not f.is_file():
+        return None
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError and friends
+        raise JojoError(
+            f"refusing to load {f}: it is not a plain tensor file ({str(exc).splitlines()[0][:120]})"
+        ) from None

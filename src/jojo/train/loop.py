@@ -1,0 +1,300 @@
+"""The one training loop, for pretraining and fine-tuning alike.
+
+A run is: a config, a model (fresh, `init_from` weights, or resumed), a training batch source and a
+validation batch source. Pretraining reads prepared token shards; SFT passes its own sources (masked targets,
+packed rows) through the same `fit`. Sources implement `next_batch() -> dict`, `state_dict()`,
+`load_state_dict()`, `steps_per_epoch` and, for validation, `iter_sequential(max_batches)`.
+
+Each step: set the LR from the schedule, run `grad_accum` micro-batches (DDP syncs gradients on the last
+only), clip, step. Every `eval_interval` steps (and at the end): validation loss and bits per byte, a
+checkpoint, the loss plot. Ctrl+C or SIGTERM finishes the current step, saves, and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from jojo.config import TrainConfig
+from jojo.errors import JojoError
+from jojo.model import GPT, IGNORE_INDEX
+from jojo.tokenizer import Tokenizer
+from jojo.train import checkpoint as ckpt_io
+from jojo.train.optim import build_optimizer
+from jojo.train.schedule import lr_multiplier
+from jojo.train.system import Runtime, peak_flops, seed_everything, wrap_for_training
+
+LN2 = math.log(2)
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    step: int
+    train_loss: float | None
+    val_loss: float | None
+    val_bpb: float | None
+    best_val_loss: float | None
+    tokens_per_second: float
+    tokens_seen: int
+    wall_seconds: float
+    stopped_early: bool = False
+    interrupted: bool = False
+    history: list[dict] = field(default_factory=list)
+
+
+def total_steps(cfg: TrainConfig, steps_per_epoch: int, tokens_per_step: int) -> int:
+    s = cfg.schedule
+    if s.max_steps:
+        return s.max_steps
+    if s.epochs:
+        return max(1, int(round(s.epochs * steps_per_epoch)))
+    if s.max_tokens:
+        return max(1, s.max_tokens // tokens_per_step)
+    raise JojoError("no training budget: set one of --max-iters, --epochs or --max-tokens (schedule.*)")
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (a second Ctrl+C aborts)."""
+
+    def __init__(self):
+        self.raised = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, source, rt: Runtime, max_batches: int = 0) -> tuple[float, int]:
+    """Mean loss (nats per predicted token) over the first `max_batches` batches (0 = all) and the count."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in source.iter_sequential(max_batches):
+        x = batch["input_ids"].to(rt.device)
+        y = batch["targets"].to(rt.device)
+        kwargs = {"doc_ids": batch["doc_ids"].to(rt.device)} if "doc_ids" in batch else {}
+        with rt.autocast():
+            _, loss = model(x, y, **kwargs)
+        n = int((y != IGNORE_INDEX).sum())
+        if n:
+            total += float(loss) * n
+            count += n
+    model.train(was_training)
+    return (total / count if count else float("nan")), count
+
+
+def fit(
+    cfg: TrainConfig,
+    model: GPT,
+    tokenizer: Tokenizer,
+    train_source,
+    val_source,
+    rt: Runtime,
+    *,
+    bytes_per_token: float | None = None,
+    entropy_floor_bpb: float | None = None,
+    resume_from: Path | None = None,
+    extra_state: dict | None = None,
+    quiet: bool = False,
+) -> FitResult:
+    """Train `model` (already on rt.device) per `cfg`; checkpoints go to cfg.logging.out_dir."""
+    from jojo.train.monitor import Monitor
+
+    log = cfg.logging
+    run_dir = Path(log.out_dir)
+    seed_everything(cfg.system.seed + rt.rank)
+    optimizer = build_optimizer(model, cfg.optimizer, rt.device.type)
+    micro_bs = cfg.data.batch_size
+    tokens_per_step = micro_bs * model.config.block_size * cfg.optimizer.grad_accum * rt.world_size
+    steps = total_steps(cfg, max(train_source.steps_per_epoch // cfg.optimizer.grad_accum, 1), tokens_per_step)
+
+    start_step, best_val, tokens_seen = 0, math.inf, 0
+    if resume_from is not None:
+        state = ckpt_io.load_optimizer_state(resume_from)
+        meta = _read_state(resume_from)
+        if state is None:
+            raise JojoError(
+                f"checkpoint {resume_from} has no optimizer state; use --init-from to start from its weights"
+            )
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_cpu"])
+        if torch.cuda.is_available() and "rng_cuda" in state and rt.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"], rt.device)
+        train_source.load_state_dict(meta["data"])
+        start_step = meta["step"]
+        best_val = meta.get("best_val_loss", math.inf) or math.inf
+        tokens_seen = meta.get("tokens_seen", 0)
+        if start_step >= steps:
+            raise JojoError(
+                f"the checkpoint is at step {start_step}, already at the budget of {steps} steps; "
+                "raise --max-iters to train further"
+            )
+
+    train_model = wrap_for_training(model, rt, cfg.system.compile)
+    monitor = Monitor(run_dir, resume=resume_from is not None) if rt.is_main else None
+    if monitor and resume_from is None:
+        cfg.save(run_dir / "run_config.json")
+    flops_tok = model.flops_per_token()
+    peak = peak_flops(rt.device, rt.dtype)
+    bar = None
+    if rt.is_main and log.progress and not quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, initial=start_step, desc="train", dynamic_ncols=True, leave=True)
+
+    def save(step: int, val_loss: float | None, is_best: bool) -> None:
+        if not rt.is_main:
+            return
+        state = {
+            "best_val_loss": best_val if best_val < math.inf else None,
+            "val_loss": val_loss,
+            "tokens_seen": tokens_seen,
+            "data": train_source.state_dict(),
+            "run_config": cfg.to_dict(),
+            **(extra_state or {}),
+        }
+        opt_state = {"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state()}
+        if rt.device.type == "cuda":
+            opt_state["rng_cuda"] = torch.cuda.get_rng_state(rt.device)
+        ckpt_io.write_checkpoint(run_dir, step, model, tokenizer, state, opt_state, log.keep_last, best=is_best)
+
+    def run_eval(step: int) -> tuple[float, float | None]:
+        val_loss, _ = evaluate(model, val_source, rt, log.eval_iters)
+        val_bpb = val_loss / LN2 / bytes_per_token if bytes_per_token else None
+        if monitor:
+            row = {"val_loss": val_loss, "val_bpb": val_bpb}
+            if entropy_floor_bpb and bytes_per_token:
+                row["entropy_floor_bpb"] = entropy_floor_bpb
+                row["entropy_floor_loss"] = entropy_floor_bpb * LN2 * bytes_per_token
+            monitor.log("eval", step, **row)
+        return val_loss, val_bpb
+
+    model.train()
+    t_start = time.time()
+    t_last_save = t_start
+    t_window, tok_window = time.time(), 0
+    train_loss = val_loss = val_bpb = None
+    tps = 0.0
+    step = start_step
+    stop = _StopFlag()
+    interrupted = False
+    with stop:
+        while step < steps:
+            mult = lr_multiplier(step, steps, cfg.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * mult
+            loss_sum = torch.zeros((), device=rt.device)
+            for micro in range(cfg.optimizer.grad_accum):
+                batch = train_source.next_batch()
+                x = batch["input_ids"].to(rt.device, non_blocking=True)
+                y = batch["targets"].to(rt.device, non_blocking=True)
+                kwargs = {"doc_ids": batch["doc_ids"].to(rt.device)} if "doc_ids" in batch else {}
+                sync = micro == cfg.optimizer.grad_accum - 1
+                ctx = train_model.no_sync() if rt.distributed and not sync else contextlib.nullcontext()
+                with ctx, rt.autocast():
+                    _, loss = train_model(x, y, **kwargs)
+                    loss = loss / cfg.optimizer.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            if cfg.optimizer.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            tok_window += tokens_per_step
+
+            if step % log.log_interval == 0 or step == steps:
+                if rt.distributed:
+                    torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+                train_loss = float(loss_sum)  # .item() is a device sync point: only at log intervals
+                if not math.isfinite(train_loss):
+                    raise JojoError(f"training diverged at step {step} (loss {train_loss}); lower --learning-rate")
+                now = time.time()
+                tps = tok_window / max(now - t_window, 1e-9)
+                t_window, tok_window = now, 0
+                lr = optimizer.param_groups[-1]["lr"]
+                mfu = flops_tok * tps / rt.world_size / peak if peak else None
+                if monitor:
+                    monitor.log(
+                        "train",
+                        step,
+                        loss=train_loss,
+                        lr=lr,
+                        tokens_per_second=tps,
+                        mfu=mfu,
+                        tokens_seen=tokens_seen,
+                        elapsed=now - t_start,
+                    )
+                if bar:
+                    post = {"loss": f"{train_loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tps:,.0f}"}
+                    if mfu is not None:
+                        post["mfu"] = f"{100 * mfu:.1f}%"
+                    bar.set_postfix(post, refresh=False)
+            if bar:
+                bar.update(1)
+
+            last = step == steps or stop.raised
+            if step % log.eval_interval == 0 or last:
+                val_loss, val_bpb = run_eval(step)
+                is_best = val_loss < best_val
+                best_val = min(best_val, val_loss)
+                save(step, val_loss, is_best)  # a save before (and with) every evaluation
+                t_last_save = time.time()
+                if monitor:
+                    monitor.plot()
+            elif (log.checkpoint_interval and step % log.checkpoint_interval == 0) or (
+                log.checkpoint_minutes and time.time() - t_last_save >= 60 * log.checkpoint_minutes
+            ):
+                save(step, None, False)
+                t_last_save = time.time()
+            if stop.raised:
+                interrupted = True
+                break
+    if bar:
+        bar.close()
+    wall = time.time() - t_start
+    if monitor:
+        monitor.log("end", step, wall_seconds=wall, interrupted=interrupted)
+        monitor.close()
+    done_tokens = tokens_seen - (start_step * tokens_per_step)
+    return FitResult(
+        run_dir=run_dir,
+        step=step,
+        train_loss=train_loss,
+        val_loss=val_loss,
+        val_bpb=val_bpb,
+        best_val_loss=best_val if best_val < math.inf else None,
+        tokens_per_second=done_tokens / max(wall, 1e-9),
+        tokens_seen=tokens_seen,
+        wall_seconds=wall,
+        interrupted=interrupted,
+    )
+
+
+def _read_state(path: Path) -> dict:
+    import json
+
+    return json.loads((ckpt_io.resolve_checkpoint(path) / ckpt_io.STATE).read_text())

@@ -1,0 +1,32 @@
+"""Learning-rate schedules: a multiplier of the peak LR as a function of the step.
+
+- cosine:   linear warmup, then cosine decay from 1 to min_lr_ratio at the last step.
+- wsd:      warmup-stable-decay: linear warmup, constant, then a linear decay to min_lr_ratio over the last
+            `decay_fraction` of the run (as MiniCPM and modded-nanogpt use; a run can be extended from
+            any checkpoint taken before the decay).
+- constant: linear warmup, then constant.
+"""
+
+from __future__ import annotations
+
+import math
+
+from jojo.config import ScheduleConfig
+
+
+def lr_multiplier(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if cfg.decay == "constant" or total_steps <= warmup:
+        return 1.0
+    lo = cfg.min_lr_ratio
+    if cfg.decay == "cosine":
+        progress = min((step - warmup) / max(total_steps - 1 - warmup, 1), 1.0)
+        return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    decay_steps = max(int(round(cfg.decay_fraction * total_steps)), 1)
+    decay_start = total_steps - decay_steps
+    if step < decay_start:
+        return 1.0
+    progress = min((step - decay_start + 1) / decay_steps, 1.0)
+    return 1.0 - (1.0 - lo) * progress
