@@ -34,6 +34,26 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> st
     return text
 
 
+def parse_chatml(text: str) -> list[dict]:
+    """Inverse of `render_chat`; raises ValueError on malformed ChatML."""
+    messages = []
+    pos = 0
+    while pos < len(text):
+        if not text.startswith(IM_START, pos):
+            raise ValueError(f"expected {IM_START} at offset {pos}")
+        head = pos + len(IM_START)
+        newline = text.find("\n", head)
+        end = text.find(IM_END + "\n", head)
+        if newline < 0 or end < 0 or newline > end:
+            raise ValueError(f"unterminated message at offset {pos}")
+        content = text[newline + 1 : end]
+        if IM_START in content:
+            raise ValueError(f"message at offset {pos} is not closed before the next one")
+        messages.append({"role": text[head:newline], "content": content})
+        pos = end + len(IM_END) + 1
+    return messages
+
+
 # The same template in Jinja, for Hugging Face's `apply_chat_template` (exported with the model).
 CHAT_TEMPLATE_JINJA = (
     "{% for message in messages %}"

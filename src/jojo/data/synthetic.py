@@ -48,6 +48,8 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from jojo.tokenizer import EOT, IM_END, IM_START, parse_chatml, render_chat
+
 __all__ = [
     "CHAT_ROLES",
     "EOT",
@@ -79,9 +81,6 @@ __all__ = [
     "write_corpus",
 ]
 
-EOT = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
 CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -998,34 +997,6 @@ def score_text(text: str, grammar: str = "corpus", chat_fraction: float = 0.3) -
     if len(parses) > 1:
         raise ValueError(f"text is ambiguous in the {grammar} grammar: {text[:80]!r}...")
     return parses[0].bits
-
-
-def render_chat(messages: list[dict]) -> str:
-    """``[{"role": ..., "content": ...}, ...]`` -> ChatML.
-
-    Each message becomes exactly ``<|im_start|>{role}\\n{content}<|im_end|>\\n``.
-    """
-    return "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
-
-
-def parse_chatml(text: str) -> list[dict]:
-    """Inverse of `render_chat`; raises ValueError on malformed ChatML."""
-    messages = []
-    pos = 0
-    while pos < len(text):
-        if not text.startswith(IM_START, pos):
-            raise ValueError(f"expected {IM_START} at offset {pos}")
-        head = pos + len(IM_START)
-        newline = text.find("\n", head)
-        end = text.find(IM_END + "\n", head)
-        if newline < 0 or end < 0 or newline > end:
-            raise ValueError(f"unterminated message at offset {pos}")
-        content = text[newline + 1 : end]
-        if IM_START in content:
-            raise ValueError(f"message at offset {pos} is not closed before the next one")
-        messages.append({"role": text[head:newline], "content": content})
-        pos = end + len(IM_END) + 1
-    return messages
 
 
 def entropy_floor_bpb(docs: list[Document]) -> float:

@@ -1,0 +1,206 @@
+"""`jojo quickstart`: the whole pipeline on Jojo's own corpus, then a report.
+
+generate corpus -> train tokenizer -> prepare shards -> pretrain the tiny preset -> evaluate (val bits per
+byte next to the corpus's exact entropy floor) -> sample stories -> answer held-out chat questions.
+
+Every artefact lands in one run directory:
+
+    OUT/corpus.jsonl     the generated documents, each with its information content in bits
+    OUT/tokenizer.json
+    OUT/data/            token shards + meta.json (with the entropy floor of each split)
+    OUT/model/           the training run: checkpoints (latest, best), metrics.jsonl, loss.png
+    OUT/report.json      the report below, for scripts
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from jojo.config import load_config
+from jojo.data.loader import BatchLoader
+from jojo.data.prepare import prepare_records
+from jojo.data.synthetic import generate_corpus, heldout_questions
+from jojo.errors import JojoError
+from jojo.infer.engine import SamplingConfig, generate
+from jojo.tokenizer import Tokenizer, render_chat, train_tokenizer
+from jojo.train.checkpoint import load_checkpoint
+from jojo.train.loop import LN2, evaluate
+from jojo.train.run import run_training
+from jojo.train.system import Runtime, pick_device
+
+# Default budget (scale 1): sized for about five minutes in all on 2 CPU cores.
+CORPUS_DOCS = 12_000
+VOCAB_SIZE = 1024
+STORY_PROMPT = "Once upon a time"
+N_QUESTIONS = 100
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def chat_prompt_ids(tok: Tokenizer, question: str) -> list[int]:
+    return [tok.eot_id] + tok.encode(render_chat([{"role": "user", "content": question}], add_generation_prompt=True))
+
+
+def answer(model, tok: Tokenizer, question: str, max_tokens: int = 48) -> str:
+    sc = SamplingConfig(max_tokens=max_tokens, temperature=0.0)
+    ids = generate(model, chat_prompt_ids(tok, question), sc, tok.vocab_size, stop_ids={tok.im_end_id, tok.eot_id})
+    return tok.decode(ids).strip()
+
+
+def chat_exact_match(model, tok: Tokenizer, questions) -> tuple[float, list[dict]]:
+    rows = []
+    for qa in questions:
+        got = answer(model, tok, qa.question)
+        rows.append({"question": qa.question, "expected": qa.answer, "answer": got, "ok": got == qa.answer})
+    return sum(r["ok"] for r in rows) / max(len(rows), 1), rows
+
+
+def sample_stories(model, tok: Tokenizer, n: int = 3, seed: int = 0, max_tokens: int = 160) -> list[str]:
+    g = torch.Generator(device=model.wte.weight.device).manual_seed(seed)
+    sc = SamplingConfig(max_tokens=max_tokens, temperature=0.8, top_k=50)
+    prompt = [tok.eot_id] + tok.encode(STORY_PROMPT)
+    return [
+        STORY_PROMPT + tok.decode(generate(model, prompt, sc, tok.vocab_size, stop_ids={tok.eot_id}, generator=g))
+        for _ in range(n)
+    ]
+
+
+def unigram_entropy_nats(data_dir: Path) -> float:
+    """Entropy of the train split's token frequencies: the loss of the best model that ignores context."""
+    import numpy as np
+
+    loader = BatchLoader(data_dir, "train", batch_size=1, block_size=1)
+    counts = sum(np.bincount(np.asarray(s), minlength=loader.data.meta["vocab_size"]) for s in loader.data.shards)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def run_quickstart(
+    out: str = "runs/quickstart", scale: float = 1.0, family: str = "gpt2", device: str = "auto", seed: int = 0
+) -> dict:
+    if scale <= 0:
+        raise JojoError("--scale must be > 0")
+    t0 = time.time()
+    out_dir = Path(out)
+    if (out_dir / "model" / "latest").exists():
+        raise JojoError(f"{out_dir} already holds a quickstart run; pass another --out or delete it")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    n_docs = int(CORPUS_DOCS * max(scale, 1.0))
+    _say(f"[1/6] generating the embedded corpus: {n_docs:,} stories and chats (seed {seed})")
+    docs = generate_corpus(n_docs, seed=seed)
+    with open(out_dir / "corpus.jsonl", "w", encoding="utf-8") as fh:
+        for d in docs:
+            fh.write(json.dumps({"text": d.text, "bits": d.bits, "kind": d.kind}) + "\n")
+
+    _say(f"[2/6] training a byte-level BPE tokenizer ({VOCAB_SIZE} tokens)")
+    tok = train_tokenizer((d.text for d in docs), VOCAB_SIZE)
+    tok.save(out_dir / "tokenizer.json")
+
+    _say("[3/6] preparing token shards")
+    records = ({"text": d.text, "bits": d.bits} for d in docs)
+    meta = prepare_records(records, tok, out_dir / "data", val_fraction=0.05, seed=seed, source="embedded")
+    val = meta["splits"]["val"]
+    floor_bpb = val["entropy_floor_bpb"]
+    _say(
+        f"      train {meta['splits']['train']['tokens']:,} tokens, val {val['tokens']:,} tokens; "
+        f"val entropy floor {floor_bpb:.4f} bits/byte"
+    )
+
+    preset = "tiny" if family == "gpt2" else "llama-tiny"
+    cfg = load_config(
+        preset,
+        {
+            "data": {"dataset": str(out_dir / "data")},
+            "schedule": {"max_steps": int(round(load_config(preset).schedule.max_steps * scale))},
+            "system": {"device": device, "seed": 1337 + seed},
+            "logging": {"out_dir": str(out_dir / "model")},
+        },
+    )
+    _say(
+        f"[4/6] pretraining the '{preset}' preset for {cfg.schedule.max_steps} steps "
+        f"({cfg.data.batch_size} x {cfg.model.block_size} tokens per step)"
+    )
+    result = run_training(cfg)
+
+    _say("[5/6] evaluating on the whole validation split")
+    dev = pick_device(device)
+    model, tok, state = load_checkpoint(out_dir / "model", dev)
+    val_src = BatchLoader(out_dir / "data", "val", batch_size=8, block_size=model.config.block_size, shuffle=False)
+    val_loss, _ = evaluate(model, val_src, Runtime(dev, torch.float32))
+    val_bpb = val_loss / LN2 / (val["bytes"] / val["tokens"])
+    unigram = unigram_entropy_nats(out_dir / "data")
+
+    _say("[6/6] sampling stories and answering held-out chat questions")
+    stories = sample_stories(model, tok, 3, seed=seed)
+    accuracy, qa_rows = chat_exact_match(model, tok, heldout_questions(N_QUESTIONS, seed=12345 + seed))
+    history = [json.loads(line) for line in (out_dir / "model" / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["step"], round(r["loss"], 4)) for r in history if r.get("event") == "train"]
+
+    report = {
+        "params": model.num_params(),
+        "family": model.config.family,
+        "steps": result.step,
+        "tokens_seen": result.tokens_seen,
+        "tokens_per_second": round(result.tokens_per_second, 1),
+        "train_seconds": round(result.wall_seconds, 1),
+        "val_loss": round(val_loss, 4),
+        "val_bpb": round(val_bpb, 4),
+        "entropy_floor_bpb": round(floor_bpb, 4),
+        "unigram_entropy_nats": round(unigram, 4),
+        "chat_exact_match": accuracy,
+        "chat_questions": len(qa_rows),
+        "loss_curve": curve,
+        "stories": stories,
+        "chat_answers": qa_rows[:10],
+        "checkpoint": str(out_dir / "model" / "latest"),
+        "wall_seconds": round(time.time() - t0, 1),
+    }
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print_report(report, out_dir)
+    if val_bpb < floor_bpb:  # impossible unless the entropy accounting is wrong: say so loudly
+        raise JojoError(f"val bits-per-byte {val_bpb:.4f} is below the entropy floor {floor_bpb:.4f}: accounting bug")
+    return report
+
+
+def _brief_curve(curve: list, points: int = 8) -> str:
+    if not curve:
+        return "(no steps)"
+    idx = sorted({round(i * (len(curve) - 1) / (points - 1)) for i in range(points)})
+    return "  ".join(f"{curve[i][0]}:{curve[i][1]:.2f}" for i in idx)
+
+
+def print_report(r: dict, out_dir: Path) -> None:
+    line = "=" * 78
+    print(line)
+    print("Jojo quickstart report")
+    print(line)
+    print(f"model          {r['family']}, {r['params']:,} parameters, {r['steps']} steps, {r['tokens_seen']:,} tokens")
+    print(f"speed          {r['tokens_per_second']:,.0f} tokens/s ({r['train_seconds']:.0f} s of training)")
+    print(f"loss curve     {_brief_curve(r['loss_curve'])}   (step:loss)")
+    print(f"val loss       {r['val_loss']:.4f} nats/token (unigram entropy {r['unigram_entropy_nats']:.4f})")
+    gap = r["val_bpb"] - r["entropy_floor_bpb"]
+    print(
+        f"val bpb        {r['val_bpb']:.4f} bits/byte   entropy floor {r['entropy_floor_bpb']:.4f}   (gap {gap:+.4f})"
+    )
+    print(line)
+    for i, story in enumerate(r["stories"], 1):
+        print(f"story {i}: {story.strip()}")
+        print()
+    print(line)
+    print(f"held-out chat questions: exact match {100 * r['chat_exact_match']:.1f}% of {r['chat_questions']}")
+    for row in r["chat_answers"][:5]:
+        mark = "ok " if row["ok"] else "no "
+        print(f"  {mark} Q: {row['question']}  A: {row['answer']!r}  (expected {row['expected']!r})")
+    print(line)
+    print(f"wall time      {r['wall_seconds']:.0f} s; artefacts in {out_dir}/ (report.json, model/loss.png)")
+    print(f'next           jojo generate {out_dir}/model --prompt "Once upon a time"')
+    if not math.isfinite(r["val_bpb"]):
+        print("warning: validation loss is not finite")
