@@ -23,6 +23,37 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
 
 
+def _add_export_commands(sub) -> None:
+    """`jojo export hf|gguf`, `jojo import hf`, `jojo upload` (jojo.export)."""
+    ex = sub.add_parser("export", help="export a checkpoint to a Hugging Face folder or a GGUF file")
+    esub = ex.add_subparsers(dest="export_format", required=True)
+    eh = esub.add_parser("hf", help="a transformers folder (GPT2LMHeadModel / LlamaForCausalLM) with a model card")
+    eh.add_argument("checkpoint", help="checkpoint directory or run directory")
+    eh.add_argument("out", help="output folder (must not exist, or be empty)")
+    eh.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    eg = esub.add_parser("gguf", help="one .gguf file for llama.cpp and Ollama")
+    eg.add_argument("checkpoint", help="checkpoint directory or run directory")
+    eg.add_argument("out", help="output .gguf file")
+    eg.add_argument("--type", choices=["f32", "f16", "q8_0"], default="f16", help="weight type of the matrices")
+
+    im = sub.add_parser("import", help="import a Hugging Face GPT-2 or Llama folder as a Jojo checkpoint")
+    isub = im.add_subparsers(dest="import_format", required=True)
+    ih = isub.add_parser("hf", help="a local transformers folder with config.json, weights and tokenizer.json")
+    ih.add_argument("folder", help="the Hugging Face folder")
+    ih.add_argument("out", help="output run directory (gets one checkpoint, step 0)")
+    ih.add_argument("--block-size", type=int, default=None, help="context length (default: the model's own)")
+
+    up = sub.add_parser("upload", help="convert a checkpoint and upload it to the Hugging Face Hub")
+    up.add_argument("checkpoint", help="checkpoint directory or run directory")
+    up.add_argument("--repo-name", required=True, help="repository name (without the owner)")
+    up.add_argument("--organization", help="owner of the repository (default: your user)")
+    up.add_argument("--private", action="store_true")
+    up.add_argument("--dry-run", action="store_true", help="convert and write the folder, upload nothing")
+    up.add_argument("--out", help="folder to write (default: a new temporary folder)")
+    up.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    up.add_argument("--gguf", choices=["f32", "f16", "q8_0"], help="also upload a GGUF file of this type")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jojo", description="Build a language model from scratch, end to end.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="redraw a run's loss curve (loss.png) from its metrics.jsonl")
     pl.add_argument("run_dir")
     pl.add_argument("--out", help="PNG path (default RUN_DIR/loss.png)")
+    _add_export_commands(sub)
     return parser
 
 

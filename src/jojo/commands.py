@@ -137,6 +137,42 @@ def cmd_quickstart(args) -> None:
     run_quickstart(out=args.out, scale=args.scale, family=args.family, device=args.device, seed=args.seed)
 
 
+def cmd_export(args) -> None:
+    if args.export_format == "hf":
+        from jojo.export.hf import export_hf
+
+        print(f"transformers folder -> {export_hf(args.checkpoint, args.out, dtype=args.dtype)}")
+    else:
+        from jojo.export.gguf import export_gguf
+
+        print(f"GGUF ({args.type}) -> {export_gguf(args.checkpoint, args.out, args.type)}")
+
+
+def cmd_import(args) -> None:
+    from jojo.export.hf import import_hf
+
+    print(f"checkpoint -> {import_hf(args.folder, args.out, block_size=args.block_size)}")
+
+
+def cmd_upload(args) -> None:
+    from jojo.export.hub import upload
+
+    where, folder = upload(
+        args.checkpoint,
+        args.repo_name,
+        organization=args.organization,
+        private=args.private,
+        dry_run=args.dry_run,
+        out=args.out,
+        dtype=args.dtype,
+        gguf_type=args.gguf,
+    )
+    if args.dry_run:
+        print(f"dry run: nothing uploaded; the folder for {where} is {folder}")
+    else:
+        print(f"uploaded {folder} -> {where}")
+
+
 def dispatch(args, rest: list[str]) -> int | None:
     if args.command == "tokenizer":
         return cmd_tokenizer_train(args)
@@ -147,5 +183,8 @@ def dispatch(args, rest: list[str]) -> int | None:
         "generate": cmd_generate,
         "plot": cmd_plot,
         "quickstart": cmd_quickstart,
+        "export": cmd_export,
+        "import": cmd_import,
+        "upload": cmd_upload,
     }
     return handlers[args.command](args)
