@@ -140,6 +140,7 @@ class KVCache:
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self._k_layers, self._v_layers = self.k.unbind(0), self.v.unbind(0)  # per-layer views, made once
         self.max_len = max_len
         self.pos = 0
 
@@ -147,12 +148,16 @@ class KVCache:
         self.pos = 0
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.pos + k.shape[2]
+        T = k.shape[2]
+        end = self.pos + T
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        # narrow/copy_ on the per-layer views: the same writes as self.k[layer, :, :, pos:end] = k, with fewer
+        # indexing ops (this runs once per layer per decoded token).
+        k_all, v_all = self._k_layers[layer], self._v_layers[layer]
+        k_all.narrow(2, self.pos, T).copy_(k)
+        v_all.narrow(2, self.pos, T).copy_(v)
+        return k_all.narrow(2, 0, end), v_all.narrow(2, 0, end)
 
 
 class Attention(nn.Module):
@@ -166,14 +171,14 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask, cache: KVCache | None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
-        )
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        H, KV = self.n_head, self.n_kv_head
+        # One view of all heads, [B, H + 2*KV, T, D]: q, k and v are slices of it along the head axis.
+        qkv = self.qkv(x).view(B, T, H + 2 * KV, self.head_dim).transpose(1, 2)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(qkv[:, : H + KV], *rope).split([H, KV], dim=1)  # q and k rotated in one go
+            v = qkv[:, H + KV :]
+        else:
+            q, k, v = qkv.split([H, KV, KV], dim=1)
         if cache is not None:
             k, v = cache.store(self.layer, k, v)
         # mask is None -> plain causal attention over this chunk (no cache, or a prefill from position 0);
@@ -186,7 +191,7 @@ class Attention(nn.Module):
             attn_mask=mask,
             is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head,
+            enable_gqa=KV != H,
         )
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
