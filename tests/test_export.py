@@ -279,6 +279,43 @@ def test_import_adds_missing_special_tokens_without_moving_ids(tmp_path):
     assert tok.encode(f"{IM_START}user\nhi{IM_END}")[0] == size
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_import_folder_saved_by_transformers(arch, tok, tmp_path):
+    """A folder written by transformers' own save_pretrained (not by our exporter) imports with equal logits."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    vocab = 64 * -(-tok.vocab_size // 64)
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=vocab, n_positions=96, n_embd=64, n_layer=2, n_head=4, n_inner=200)
+        hf = GPT2LMHeadModel(config)
+    else:  # attention biases but no MLP biases: Jojo's single `bias` flag fills the MLP ones with zeros
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=96,
+            rope_theta=500000.0,
+            attention_bias=True,
+            tie_word_embeddings=True,
+        )
+        hf = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    hf.eval().save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").write_text(tok.to_json())
+    model, _, _ = load_checkpoint(import_hf(tmp_path / "hf", tmp_path / "out"))
+    assert model.config.block_size == 96 and model.config.bias
+    x = torch.randint(0, tok.vocab_size, (2, 64))
+    with torch.no_grad():
+        assert (model(x)[0] - hf(x).logits).abs().max().item() < 1e-4
+
+
 def test_import_refuses_unsupported_architecture(hf_dirs, tmp_path):
     folder = tmp_path / "bert"
     folder.mkdir()
@@ -491,6 +528,47 @@ def test_upload_network_hang_hits_the_deadline(no_token, runs, capsys, monkeypat
     monkeypatch.setattr(no_token.HfApi, "whoami", lambda *a, **k: time.sleep(5))
     err, seconds = _upload_fails(runs, capsys)
     assert "no answer from the Hugging Face Hub" in err and seconds < 3
+
+
+def test_upload_calls_the_hub(no_token, runs, monkeypatch, tmp_path, capsys):
+    from jojo.cli import main
+
+    calls = {}
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    monkeypatch.setattr(no_token.HfApi, "whoami", lambda self, token=None: {"name": "alice"})
+
+    def create_repo(self, repo_id, private=False, exist_ok=False, repo_type=None):
+        calls["create"] = (repo_id, private, exist_ok)
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, repo_id, folder_path, repo_type=None, commit_message=None):
+        calls["upload"] = (repo_id, sorted(p.name for p in Path(folder_path).iterdir()))
+
+    monkeypatch.setattr(no_token.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(no_token.HfApi, "upload_folder", upload_folder)
+    args = ["upload", str(runs["gpt2"]), "--repo-name", "tiny-jojo", "--private", "--out", str(tmp_path / "u")]
+    assert main(args) == 0
+    assert calls["create"] == ("alice/tiny-jojo", True, True)
+    assert calls["upload"][0] == "alice/tiny-jojo" and "model.safetensors" in calls["upload"][1]
+    assert "alice/tiny-jojo" in (tmp_path / "u" / "README.md").read_text()
+    assert main([*args[:-1], str(tmp_path / "v"), "--organization", "jojo-lab"]) == 0
+    assert calls["create"][0] == "jojo-lab/tiny-jojo"
+    assert "https://huggingface.co/jojo-lab/tiny-jojo" in capsys.readouterr().out
+
+
+def test_gguf_refuses_tokenizers_llama_cpp_would_split_differently(runs, tmp_path):
+    pytest.importorskip("gguf")
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from jojo.export.gguf import gguf_vocab
+    from jojo.tokenizer import Tokenizer
+
+    _, tok, _ = load_checkpoint(runs["gpt2"])
+    data = json.loads(tok.to_json())
+    data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "_", "prepend_scheme": "always", "split": True}
+    other = Tokenizer(HFTokenizer.from_str(json.dumps(data)))
+    with pytest.raises(JojoError, match="GPT-2's pre-tokenization"):
+        gguf_vocab(other, 512)
 
 
 # ---- the decode kernel the benchmark relies on ------------------------------------------------------------------

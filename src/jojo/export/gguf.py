@@ -93,11 +93,14 @@ def gguf_vocab(tok: Tokenizer, vocab_size: int) -> tuple[list[str], list[int], l
     from gguf import TokenType
 
     data = json.loads(tok.to_json())
-    model = data.get("model") or {}
-    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(data.get("pre_tokenizer")):
+    model, pre = data.get("model") or {}, data.get("pre_tokenizer") or {}
+    # llama.cpp's "gpt-2" pre-tokenizer is GPT-2's regex: only a tokenizer that splits text the same way can
+    # claim it (Llama 3's or Qwen's byte-level BPEs use other regexes, and sentencepiece-style ones no bytes).
+    gpt2_style = pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
+    if model.get("type") != "BPE" or not gpt2_style or data.get("normalizer") is not None:
         raise JojoError(
-            "GGUF export supports byte-level BPE tokenizers (as `jojo tokenizer train` makes); "
-            f"this one is {model.get('type')} with pre-tokenizer {(data.get('pre_tokenizer') or {}).get('type')}"
+            "GGUF export supports byte-level BPE tokenizers with GPT-2's pre-tokenization (as `jojo tokenizer "
+            f"train` makes); this one is {model.get('type')} with pre-tokenizer {pre.get('type')}"
         )
     tokens: list[str | None] = [None] * vocab_size
     types = [int(TokenType.UNUSED)] * vocab_size

@@ -434,7 +434,7 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
         return sorted(folder.glob(pattern))
 
     weights: dict[str, torch.Tensor] = {}
-    files = shards(HF_WEIGHTS, "model.safetensors.index.json", "*.safetensors")
+    files = shards(HF_WEIGHTS, "model.safetensors.index.json", "model*.safetensors")
     if files:
         for f in files:
             try:
@@ -442,7 +442,7 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
             except (SafetensorError, OSError) as exc:
                 raise JojoError(f"cannot read {f}: {exc}") from None
         return weights
-    files = shards("pytorch_model.bin", "pytorch_model.bin.index.json", "*.bin")
+    files = shards("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model*.bin")
     if not files:
         raise JojoError(f"{folder} holds no model.safetensors or pytorch_model.bin; is it a transformers folder?")
     for f in files:
