@@ -134,8 +134,8 @@ def model_card(
     if has_plot:
         lines += ["![training and validation loss](loss.png)", ""]
     lines += [
-        "Losses are mean cross-entropy in nats per token on Jojo's own data; they are not comparable across "
-        "tokenizers.",
+        "Losses are mean cross-entropy in nats per token with this model's tokenizer: comparable only between "
+        "models that share it.",
         "",
         "## Use it",
         "",
@@ -145,9 +145,11 @@ def model_card(
         f'tok = AutoTokenizer.from_pretrained("{where}")',
         f'model = AutoModelForCausalLM.from_pretrained("{where}")',
         'messages = [{"role": "user", "content": "Tell me a story."}]',
-        'ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")',
-        "out = model.generate(ids, max_new_tokens=100, do_sample=True, temperature=0.8)",
-        "print(tok.decode(out[0][ids.shape[1]:], skip_special_tokens=True))",
+        "inputs = tok.apply_chat_template(",
+        '    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True',
+        ")",
+        "out = model.generate(**inputs, max_new_tokens=100, do_sample=True, temperature=0.8)",
+        'print(tok.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
         "```",
         "",
         'Plain text works too: `tok(text, return_tensors="pt")`. The chat template is ChatML '
