@@ -80,18 +80,55 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--out", required=True, help="output directory (or path ending in .json)")
     tt.add_argument("--field", default="text", help="text field of JSON/JSONL records")
     tt.add_argument("--docs", type=int, default=20000, help="documents of the embedded corpus")
+    te = tsub.add_parser("eval", help="bytes per token on a corpus, side by side; checks special tokens")
+    te.add_argument("--tokenizer", required=True, help="tokenizer.json (or a folder holding one)")
+    te.add_argument("--compare", help="a second tokenizer.json to compare with")
+    te.add_argument("--input", default=EMBEDDED, help=f"corpus: a file, folder or glob ('{EMBEDDED}' = generated)")
+    te.add_argument("--field", default=None, help="text field of JSON/JSONL/Parquet records (default text)")
+    te.add_argument("--split-on", default="auto", help="how text files split into documents (see prepare)")
+    te.add_argument("--max-mb", type=float, default=100, help="read at most this many MB of the corpus")
 
-    pr = sub.add_parser("prepare", help="tokenize a corpus into token shards")
-    pr.add_argument(
-        "--source", default=EMBEDDED, help=f"a file, folder or glob ('{EMBEDDED}' = Jojo's generated corpus)"
+    pr = sub.add_parser(
+        "prepare",
+        help="tokenize a corpus into token shards",
+        description="Reads text/JSONL/JSON/Parquet/CSV files (also .gz/.zst), folders, globs, Hugging Face "
+        "datasets (--hf) or a named recipe (--dataset; --list shows them); with none of these, Jojo's embedded "
+        "corpus. Streams in bounded memory on every core; an unchanged re-run is a cache hit.",
     )
-    pr.add_argument("--out", required=True, help="output directory for shards and meta.json")
+    pr.add_argument("--source", help=f"a file, folder or glob ('{EMBEDDED}' = Jojo's generated corpus, the default)")
+    pr.add_argument("--dataset", help="a named recipe (story, fineweb-edu, chat, alpaca, sft, ...; see --list)")
+    pr.add_argument("--hf", metavar="ID", help="stream a Hugging Face dataset, e.g. roneneldan/TinyStories")
+    pr.add_argument("--subset", help="the hub dataset's config/subset (e.g. sample-10BT)")
+    pr.add_argument("--split", help="the hub dataset's split (default: train, or the recipe's)")
+    pr.add_argument("--list", action="store_true", help="list the named recipes and exit")
+    pr.add_argument("--out", help="output directory for shards and meta.json")
+    pr.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "json", "parquet", "csv"])
+    pr.add_argument(
+        "--split-on",
+        default="auto",
+        help="text files: blank (blank lines), eot (<|endoftext|>), line, file (one document per file), or any "
+        "separator string; auto = eot if the first 2 MB of a file contain <|endoftext|>, else blank",
+    )
+    pr.add_argument("--field", help="text field of JSON/JSONL/Parquet/CSV records (default text)")
+    pr.add_argument("--template", help="build the text from fields, e.g. '{instruction}\\n{output}'")
     pr.add_argument("--tokenizer", help="tokenizer.json to use; default: train one on the corpus")
     pr.add_argument("--vocab-size", type=int, default=4096, help="when training a tokenizer")
+    pr.add_argument(
+        "--tokenizer-sample-mb", type=float, default=100, help="train the tokenizer on the first N MB (default 100)"
+    )
     pr.add_argument("--val-fraction", type=float, default=0.05)
-    pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--field", default="text")
-    pr.add_argument("--docs", type=int, default=20000, help="documents of the embedded corpus")
+    pr.add_argument("--test-fraction", type=float, default=0.0)
+    pr.add_argument("--seed", type=int, default=0, help="seeds the train/val/test split (and the embedded corpus)")
+    pr.add_argument(
+        "--docs",
+        type=int,
+        default=None,
+        help="embedded corpus: documents to generate (default 20000); other sources: stop after N documents",
+    )
+    pr.add_argument("--workers", type=int, default=0, help="encoding processes (default: one per core)")
+    pr.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
+    pr.add_argument("--overwrite", action="store_true", help="rebuild, even over shards of another tokenizer")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     tr = sub.add_parser(
         "train",

@@ -36,24 +36,101 @@ def cmd_tokenizer_train(args) -> None:
     print(f"tokenizer: {tok.vocab_size} tokens, hash {tok.hash} -> {path}")
 
 
-def cmd_prepare(args) -> None:
-    from jojo.data.prepare import prepare_records
-    from jojo.tokenizer import Tokenizer, train_tokenizer
+def _unescape(text: str | None) -> str | None:
+    """`\\n` and `\\t` typed on a command line (a template, a separator) mean newline and tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t") if text else text
 
-    if not 0 < args.val_fraction < 1:
-        raise JojoError("--val-fraction must be between 0 and 1")
-    if args.tokenizer:
-        tok = Tokenizer.load(args.tokenizer)
-    else:
-        texts = (r["text"] for r in source_records(args.source, args.field, args.docs, args.seed))
-        tok = train_tokenizer(texts, args.vocab_size)
-        print(f"trained a tokenizer: {tok.vocab_size} tokens (hash {tok.hash})")
-    records = source_records(args.source, args.field, args.docs, args.seed)
-    meta = prepare_records(records, tok, args.out, args.val_fraction, args.seed, source=args.source)
+
+def cmd_prepare(args) -> None:
+    from jojo.data.prepare import prepare_corpus
+    from jojo.data.recipes import list_recipes, open_source
+
+    if args.list:
+        print(list_recipes())
+        return
+    if not args.out:
+        raise JojoError("--out DIR is required: the folder for the shards and meta.json")
+    source = open_source(
+        args.source,
+        dataset=args.dataset,
+        hf=args.hf,
+        subset=args.subset,
+        split=args.split,
+        fmt=args.format,
+        split_on=_unescape(args.split_on),
+        field=args.field,
+        template=_unescape(args.template),
+        docs=args.docs,
+        seed=args.seed,
+    )
+    meta, hit = prepare_corpus(
+        source,
+        args.out,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        tokenizer_sample_mb=args.tokenizer_sample_mb,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        workers=args.workers,
+        max_docs=0 if source.description == EMBEDDED else (args.docs or 0),
+        shard_tokens=args.shard_tokens,
+        overwrite=args.overwrite,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
     for split, info in meta["splits"].items():
+        if split == "test" and not info["docs"]:
+            continue
         floor = f", entropy floor {info['entropy_floor_bpb']:.4f} bpb" if "entropy_floor_bpb" in info else ""
         print(f"{split}: {info['docs']:,} docs, {info['tokens']:,} tokens, {info['bytes']:,} bytes{floor}")
+    build = meta.get("build", {})
+    if not hit and build.get("seconds"):
+        mb = build["input_bytes"] / 1e6
+        print(
+            f"read {mb:,.1f} MB in {build['seconds']:.1f} s ({mb / build['seconds']:.1f} MB/s, "
+            f"{build['workers']} worker(s), {build['encoder']} encoder)"
+        )
+    if build.get("encoder_note"):
+        print(f"note: encoded with tokenizers, not tiktoken: {build['encoder_note']}")
     print(f"prepared -> {args.out}")
+
+
+def cmd_tokenizer_eval(args) -> None:
+    from jojo.data.prepare import sample_texts
+    from jojo.data.recipes import open_source
+    from jojo.tokenizer import Tokenizer, evaluate_tokenizer
+
+    toks = [Tokenizer.load(args.tokenizer)] + ([Tokenizer.load(args.compare)] if args.compare else [])
+    reports = []
+    for tok in toks:
+        source = open_source(args.input, field=args.field, split_on=_unescape(args.split_on))
+        reports.append(evaluate_tokenizer(tok, sample_texts(source, int(args.max_mb * 1e6))))
+    first = reports[0]
+    print(f"corpus: {args.input} ({first['docs']:,} documents, {first['bytes']:,} bytes)")
+    rows = [
+        ("tokenizer", [r["tokenizer"] for r in reports]),
+        ("hash", [r["hash"] for r in reports]),
+        ("vocab size", [f"{r['vocab_size']:,}" for r in reports]),
+        ("tokens", [f"{r['tokens']:,}" for r in reports]),
+        ("bytes / token", [f"{r['bytes_per_token']:.3f}" for r in reports]),
+        ("specials never split", ["yes" if r["specials_never_split"] else "NO" for r in reports]),
+    ]
+    width = max(len(v) for _, values in rows for v in values) + 2
+    for name, values in rows:
+        print(f"{name:<22}" + "".join(f"{v:<{width}}" for v in values))
+    for r in reports:
+        for special, info in r["specials"].items():
+            bad = (
+                not info["probes_ok"]
+                or info["vocab_entries_containing_it"]
+                or (info["in_corpus"] != info["encoded_as_one_id"])
+            )
+            if bad:
+                print(
+                    f"{r['tokenizer']}: {special} (id {info['id']}): probes {'ok' if info['probes_ok'] else 'FAIL'}, "
+                    f"{info['vocab_entries_containing_it']} vocab entries contain it, {info['in_corpus']} in the "
+                    f"corpus -> {info['encoded_as_one_id']} single ids"
+                )
 
 
 def cmd_train(args, rest: list[str]) -> None:
@@ -175,7 +252,7 @@ def cmd_upload(args) -> None:
 
 def dispatch(args, rest: list[str]) -> int | None:
     if args.command == "tokenizer":
-        return cmd_tokenizer_train(args)
+        return cmd_tokenizer_eval(args) if args.tokenizer_command == "eval" else cmd_tokenizer_train(args)
     if args.command == "train":
         return cmd_train(args, rest)
     handlers = {

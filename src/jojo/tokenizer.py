@@ -4,6 +4,11 @@ Training uses Hugging Face `tokenizers`; the result is a standard `tokenizer.jso
 `transformers` reads as is. Byte-level pre-tokenization means every Unicode string encodes and decodes back
 exactly. `<|endoftext|>`, `<|im_start|>` and `<|im_end|>` are special tokens: each is one id, never split,
 and never produced by merges.
+
+Encoding speed: the same vocabulary and merges run 2-4x faster in `tiktoken` (no per-word Python objects, a
+leaner regex loop). `Tokenizer.tiktoken_encoding()` builds that equivalent `tiktoken.Encoding` from the
+tokenizer.json when it is a plain byte-level BPE with GPT-2 pre-tokenization (what `train_tokenizer` makes);
+`jojo prepare` uses it and checks it against `tokenizers` on the first documents it sees.
 """
 
 from __future__ import annotations
@@ -20,6 +25,25 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = (EOT, IM_START, IM_END)
 TOKENIZER_FILE = "tokenizer.json"
+# GPT-2's pre-tokenization regex: the one `pre_tokenizers.ByteLevel(use_regex=True)` applies.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable character that stands for each byte -> the byte.
+
+    Printable Latin-1 bytes stand for themselves; the 68 others (controls, space, soft hyphen...) are mapped in
+    byte order to U+0100 and up. byte-level BPE vocabularies spell every token in these characters.
+    """
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    kept_set = set(kept)
+    chars = {b: chr(b) for b in kept}
+    extra = 0
+    for b in range(256):
+        if b not in kept_set:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
 
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -78,6 +102,7 @@ class Tokenizer:
         self.im_start_id = tok.token_to_id(IM_START)
         self.im_end_id = tok.token_to_id(IM_END)
         self.special_ids = {self.eot_id, self.im_start_id, self.im_end_id}
+        self._tiktoken: tuple | None = None
 
     # ---- io ------------------------------------------------------------------------------------------
     @classmethod
@@ -146,6 +171,64 @@ class Tokenizer:
     def backend(self):
         return self._tok
 
+    # ---- the fast encoder ----------------------------------------------------------------------------
+    def tiktoken_encoding(self):
+        """`(encoding, "")`: a `tiktoken.Encoding` giving the same ids as this tokenizer, or `(None, reason)`
+        when the tokenizer is not a plain byte-level BPE that tiktoken can run.
+
+        tiktoken merges the adjacent pair whose concatenation has the lowest rank; HF's BPE applies the merge
+        with the lowest index. The two agree when a token's rank is its id and ids grow with merge order, which
+        is how `tokenizers`' trainer numbers them (checked here; anything else falls back to `tokenizers`).
+        """
+        if self._tiktoken is None:
+            self._tiktoken = self._build_tiktoken()
+        return self._tiktoken
+
+    def _build_tiktoken(self) -> tuple:
+        try:
+            import tiktoken
+        except ImportError:
+            return None, "tiktoken is not installed"
+        data = json.loads(self._tok.to_str())
+        model, pre = data.get("model") or {}, data.get("pre_tokenizer") or {}
+        if data.get("normalizer") is not None:
+            return None, "the tokenizer has a normalizer"
+        if pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) or pre.get("add_prefix_space"):
+            return None, "pre-tokenization is not GPT-2's byte-level regex without a prefix space"
+        if model.get("type") != "BPE" or model.get("dropout") or model.get("byte_fallback"):
+            return None, "the model is not a plain BPE (dropout or byte fallback)"
+        if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+            return None, "the BPE uses subword prefixes or suffixes"
+        specials = {}
+        for added in data.get("added_tokens", []):
+            if not added.get("special") or added.get("lstrip") or added.get("rstrip") or added.get("single_word"):
+                return None, f"added token {added.get('content')!r} is not a plain special token"
+            specials[added["content"]] = added["id"]
+        alphabet = byte_level_alphabet()
+        ranks: dict[bytes, int] = {}
+        for piece, idx in model["vocab"].items():
+            if piece in specials:
+                continue
+            try:
+                ranks[bytes(alphabet[c] for c in piece)] = idx
+            except KeyError:
+                return None, f"vocabulary entry {piece!r} is not spelled in the byte-level alphabet"
+        if len(ranks) + len(specials) != self.vocab_size or sorted(specials.values()) != sorted(set(specials.values())):
+            return None, "vocabulary ids are not unique"
+        if any(bytes([b]) not in ranks for b in range(256)):
+            return None, "the vocabulary lacks some of the 256 single bytes"
+        last = -1
+        for merge in model.get("merges", []):
+            left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+            idx = model["vocab"].get(left + right)
+            if idx is None or idx <= last:
+                return None, "token ids do not follow merge order"
+            last = idx
+        enc = tiktoken.Encoding(
+            f"jojo-{self.hash}", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=specials
+        )
+        return enc, ""
+
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
     """Train a byte-level BPE on an iterator of documents."""
@@ -177,3 +260,72 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     if seen[0] == 0:
         raise JojoError("cannot train a tokenizer on an empty corpus; give a file with some text")
     return Tokenizer(tok)
+
+
+def evaluate_tokenizer(tok: Tokenizer, texts: Iterable[str]) -> dict:
+    """Bytes per token on a corpus, and whether special tokens stay whole.
+
+    Special tokens are checked three ways: probe strings (alone, glued to text, doubled) must encode each
+    special to its single id and decode back; no ordinary vocabulary entry may contain a special token's
+    text (a merge that swallows one would split it); and every occurrence in the corpus text must come out
+    as exactly one id.
+    """
+    import numpy as np
+
+    enc, _ = tok.tiktoken_encoding()
+    specials = {s: tok.backend.token_to_id(s) for s in SPECIAL_TOKENS}
+    in_text = dict.fromkeys(specials, 0)
+    in_ids = dict.fromkeys(specials, 0)
+    docs = nbytes = ntokens = 0
+    batch: list[str] = []
+
+    def flush() -> None:
+        nonlocal ntokens
+        if enc is not None:
+            encoded = [enc.encode_to_numpy(t, allowed_special="all") for t in batch]
+        else:
+            encoded = [np.asarray(ids, dtype=np.int64) for ids in tok.encode_batch(batch)]
+        for text, ids in zip(batch, encoded):
+            ntokens += len(ids)
+            for s, sid in specials.items():
+                if s in text:
+                    in_text[s] += text.count(s)
+                    in_ids[s] += int(np.count_nonzero(ids == sid))
+        batch.clear()
+
+    for text in texts:
+        docs += 1
+        nbytes += len(text.encode("utf-8"))
+        batch.append(text)
+        if len(batch) >= 1024:
+            flush()
+    flush()
+    special_ids = set(specials.values())
+    pieces = [tok.decode([i]) for i in range(tok.vocab_size) if i not in special_ids]
+    report = {}
+    for s, sid in specials.items():
+        probes = [s, f"a{s}b", f"{s}{s}", f" {s}\n", f"x{s[:-1]}"]
+        ok = all(tok.encode(p).count(sid) == p.count(s) and tok.decode(tok.encode(p)) == p for p in probes)
+        swallowed = [piece for piece in pieces if s in piece]
+        report[s] = {
+            "id": sid,
+            "probes_ok": ok,
+            "vocab_entries_containing_it": len(swallowed),
+            "in_corpus": in_text[s],
+            "encoded_as_one_id": in_ids[s],
+        }
+    never_split = all(
+        r["probes_ok"] and r["vocab_entries_containing_it"] == 0 and r["in_corpus"] == r["encoded_as_one_id"]
+        for r in report.values()
+    )
+    return {
+        "tokenizer": tok.source or tok.hash,
+        "hash": tok.hash,
+        "vocab_size": tok.vocab_size,
+        "docs": docs,
+        "bytes": nbytes,
+        "tokens": ntokens,
+        "bytes_per_token": nbytes / ntokens if ntokens else 0.0,
+        "specials": report,
+        "specials_never_split": never_split,
+    }

@@ -9,12 +9,18 @@ read disjoint data and N processes see exactly the rows one process with N times
 The position (epoch, rows consumed) is the loader's whole state: saving it with a checkpoint makes a resumed
 run read exactly what an uninterrupted one would have.
 
-With `doc_aligned`, rows start at document starts (every document begins with <|endoftext|>), and documents
-longer than a row continue in further rows, as nanochat's BOS-aligned loader does.
+With `doc_aligned`, every row starts at a document start (every document begins with <|endoftext|>), like
+nanochat's BOS-aligned rows, without reading a token twice more than needed: a row holds the documents that
+start in it; when the last of them does not fit, the next row starts again at that document's beginning (so
+every document that fits in a row is seen whole, from its first token); a document longer than a row
+continues in the following rows. Rows therefore overlap only by the tail of a cut document, never by more
+than one document, and an epoch is about one pass over the tokens (the naive "a row at every document
+start" reads short documents block_size / doc_length times per epoch).
 """
 
 from __future__ import annotations
 
+import bisect
 from pathlib import Path
 
 import numpy as np
@@ -46,16 +52,36 @@ class TokenSplit:
     def num_tokens(self) -> int:
         return sum(len(s) for s in self.shards)
 
-    def row_starts(self, shard: int, block_size: int, doc_aligned: bool) -> np.ndarray:
+    def doc_starts(self, shard: int, chunk: int = 1 << 24) -> np.ndarray:
+        """Positions of <|endoftext|> (document starts) in a shard, scanned in chunks to bound memory."""
         tokens = self.shards[shard]
-        n = len(tokens) - 1  # the last token of a shard has no target
+        found = [
+            np.flatnonzero(np.asarray(tokens[i : i + chunk]) == self.eot_id) + i for i in range(0, len(tokens), chunk)
+        ]
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+    def row_starts(self, shard: int, block_size: int, doc_aligned: bool) -> np.ndarray:
+        """Start positions of the rows (block_size + 1 tokens each) of one shard."""
+        n = len(self.shards[shard]) - 1  # the last token of a shard has no target
         if not doc_aligned:
             return np.arange(0, n - block_size + 1, block_size, dtype=np.int64)
-        doc_starts = np.flatnonzero(np.asarray(tokens) == self.eot_id)
-        ends = np.append(doc_starts[1:], len(tokens))
-        starts = [np.arange(s, e, block_size) for s, e in zip(doc_starts, ends)]
-        starts = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
-        return starts[starts + block_size <= n]
+        starts = self.doc_starts(shard).tolist()
+        if not starts:
+            return np.zeros(0, dtype=np.int64)
+        T, length = block_size, n + 1
+        rows, p = [], starts[0]
+        while p + T <= n:
+            rows.append(p)
+            c = p + T
+            i = bisect.bisect_left(starts, c)  # starts[i-1] < c <= starts[i]
+            if i < len(starts) and starts[i] == c:
+                p = c  # a document starts right where the row ends
+                continue
+            last = starts[i - 1]  # the last document starting at or before c
+            end = starts[i] if i < len(starts) else length
+            # re-start at the cut document when it began inside this row and fits in one row
+            p = last if last > p and end - last <= T else c
+        return np.asarray(rows, dtype=np.int64)
 
 
 class BatchLoader:
@@ -133,7 +159,27 @@ class BatchLoader:
 
     # ---- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "rows_per_epoch": self.rows_per_epoch,
+            "block_size": self.block_size,
+            "doc_aligned": self.doc_aligned,
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the position. The row order depends on the seed, the rows on the data, block_size and
+        doc_aligned: if any differs, the saved position would point into a different order, so refuse."""
+        for key, mine in (
+            ("seed", self.seed),
+            ("block_size", self.block_size),
+            ("doc_aligned", self.doc_aligned),
+            ("rows_per_epoch", self.rows_per_epoch),
+        ):
+            if key in state and state[key] != mine:
+                raise JojoError(
+                    f"cannot resume the data position: saved {key}={state[key]}, now {mine} (the dataset or the "
+                    "data settings changed); resume with the same dataset and settings, or start a new run"
+                )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
