@@ -90,6 +90,7 @@ class DataConfig:
     dataset: str = ""  # a prepared data directory (train.bin/val.bin/meta.json), made by `jojo prepare`
     batch_size: int = 8  # micro-batch rows per device per step
     doc_aligned: bool = False  # every row starts at a document start
+    packing: bool = True  # SFT: several conversations per row (no attention across them), else one per row
 
     def __post_init__(self) -> None:
         _check_positive("data.batch_size", self.batch_size)
@@ -178,6 +179,19 @@ class LoggingConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (jojo.lora): rank 0 = off (every weight trains)."""
+
+    rank: int = 0
+    alpha: float = 0.0  # 0 = 2 * rank; the update is scaled by alpha / rank
+    targets: str = "qkv,proj"  # comma-separated: qkv, proj, attn, fc, gate, up, mlp_proj, mlp, lm_head
+
+    def __post_init__(self) -> None:
+        _check_positive("lora.rank", self.rank, allow_zero=True)
+        _check_positive("lora.alpha", self.alpha, allow_zero=True)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -185,6 +199,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -215,6 +230,10 @@ FLAT_FLAGS = {
     "out": "logging.out_dir",
     "family": "model.family",
     "block-size": "model.block_size",
+    "packing": "data.packing",
+    "lora-rank": "lora.rank",
+    "lora-alpha": "lora.alpha",
+    "lora-targets": "lora.targets",
 }
 
 

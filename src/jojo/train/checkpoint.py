@@ -75,8 +75,10 @@ def write_checkpoint(
     optimizer_state: dict | None = None,
     keep_last: int = 2,
     best: bool = False,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write step-NNNNNN atomically, point `latest` (and `best` if asked) at it, prune old ones."""
+    """Write step-NNNNNN atomically, point `latest` (and `best` if asked) at it, prune old ones.
+    `weights` replaces the model's own state dict (LoRA passes its merged weights)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
@@ -85,7 +87,8 @@ def write_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(unique_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+    weights = unique_state_dict(model) if weights is None else weights
+    save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
     cfg: ModelConfig = model.config
     (tmp / MODEL_CONFIG).write_text(json.dumps(cfg.__dict__, indent=2) + "\n")
     (tmp / TOKENIZER_FILE).write_text(tokenizer.to_json())

@@ -16,6 +16,7 @@ import contextlib
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,8 +119,12 @@ def fit(
     resume_from: Path | None = None,
     extra_state: dict | None = None,
     quiet: bool = False,
+    state_dict_fn: Callable[[], dict] | None = None,
 ) -> FitResult:
-    """Train `model` (already on rt.device) per `cfg`; checkpoints go to cfg.logging.out_dir."""
+    """Train `model` (already on rt.device) per `cfg`; checkpoints go to cfg.logging.out_dir.
+
+    state_dict_fn: the weights to save, when they are not `model`'s own state dict (LoRA saves the adapters
+    merged into the base weights, so checkpoints stay plain GPT weights)."""
     from jojo.train.monitor import Monitor
 
     log = cfg.logging
@@ -178,7 +183,10 @@ def fit(
         opt_state = {"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state()}
         if rt.device.type == "cuda":
             opt_state["rng_cuda"] = torch.cuda.get_rng_state(rt.device)
-        ckpt_io.write_checkpoint(run_dir, step, model, tokenizer, state, opt_state, log.keep_last, best=is_best)
+        weights = state_dict_fn() if state_dict_fn else None
+        ckpt_io.write_checkpoint(
+            run_dir, step, model, tokenizer, state, opt_state, log.keep_last, best=is_best, weights=weights
+        )
 
     def run_eval(step: int) -> tuple[float, float | None]:
         val_loss, _ = evaluate(model, val_source, rt, log.eval_iters)
