@@ -143,6 +143,36 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
     tr.add_argument("--save-config", help="write the resolved config to this JSON file and exit")
 
+    sf = sub.add_parser(
+        "sft",
+        help="fine-tune a pretrained checkpoint on conversations (chat SFT), fully or with LoRA",
+        description="Trains with the same loop as `jojo train`; the loss counts assistant turns only. Data: "
+        '--data embedded (Jojo\'s synthetic chats, default), or JSONL/JSON files of {"messages": [...]} / '
+        '{"conversations": [...]} (system/user/assistant) or Alpaca records (instruction/input/output). '
+        "Overrides as in `jojo train`: --section.key=value, --max-iters, --epochs, --learning-rate, "
+        "--batch-size, --packing/--no-packing, --lora-rank R, --lora-alpha A, --lora-targets qkv,proj,...",
+    )
+    # `jojo sft CKPT [options]`: the checkpoint may come first instead of --init-from. It is not an argparse
+    # positional: the overrides pass through unparsed, and `--out X` would hand X to a positional.
+    sf.add_argument("--init-from", help="the pretrained checkpoint or run directory (or give it first: jojo sft CKPT)")
+    sf.add_argument("--config", default="sft-tiny", help="JSON config file or preset name (default sft-tiny)")
+    sf.add_argument("--data", help="'embedded' or a conversation/Alpaca file, folder or glob (sets data.dataset)")
+    sf.add_argument("--format", dest="data_format", default="auto", choices=["auto", "chatml", "alpaca"])
+    sf.add_argument("--on-bad", default="skip", choices=["skip", "error"], help="bad conversations: skip (counted)")
+    sf.add_argument("--val-fraction", type=float, default=0.05, help="conversations held out for validation")
+    sf.add_argument("--embedded-chats", type=int, default=4000, help="--data embedded: how many chats")
+    sf.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+
+    ch = sub.add_parser(
+        "chat",
+        help="chat with a checkpoint (a REPL; `echo Hi | jojo chat CKPT` prints one answer)",
+        description="Commands in the REPL: /reset, /system TEXT, /save FILE, /quit. The oldest turns are dropped "
+        "when the conversation outgrows the context (never the system prompt).",
+    )
+    ch.add_argument("checkpoint", help="checkpoint directory or run directory")
+    ch.add_argument("--system", help="system prompt")
+    _add_sampling_flags(ch)
+
     ge = sub.add_parser("generate", help="sample text from a checkpoint")
     ge.add_argument("checkpoint", help="checkpoint directory or run directory")
     src = ge.add_mutually_exclusive_group()
@@ -164,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "train":
+    if rest and args.command not in ("train", "sft"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return commands.dispatch(args, rest) or 0

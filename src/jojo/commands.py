@@ -156,6 +156,45 @@ def cmd_train(args, rest: list[str]) -> None:
     )
 
 
+def cmd_sft(args, rest: list[str]) -> None:
+    from jojo.config import load_config
+    from jojo.sft import run_sft
+
+    init_from = args.init_from
+    if rest and not rest[0].startswith("--"):  # `jojo sft CKPT ...`
+        if init_from:
+            raise JojoError(f"give the checkpoint once: first ({rest[0]}) or with --init-from ({init_from})")
+        init_from, rest = rest[0], rest[1:]
+    rest = ["--data.packing=false" if a == "--no-packing" else a for a in rest]
+    overrides = rest + (["--data.dataset", args.data] if args.data else [])
+    cfg = load_config(args.config, overrides)
+    if args.show_config:
+        import json
+
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return
+    result = run_sft(
+        cfg,
+        init_from,
+        data_format=args.data_format,
+        on_bad=args.on_bad,
+        val_fraction=args.val_fraction,
+        embedded_n=args.embedded_chats,
+    )
+    fit = result.fit
+    state = "interrupted and saved" if fit.interrupted else "done"
+    print(f"{state}: step {fit.step}, val loss {fit.val_loss:.4f} (assistant tokens) -> {fit.run_dir}")
+    print(f"next: jojo chat {fit.run_dir}")
+
+
+def cmd_chat(args) -> None:
+    from jojo.infer.chat import chat_main
+    from jojo.infer.engine import SamplingConfig
+
+    sc = SamplingConfig(args.max_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
+    chat_main(args.checkpoint, sc, system=args.system, device=args.device)
+
+
 def cmd_generate(args) -> None:
     import torch
 
@@ -255,9 +294,12 @@ def dispatch(args, rest: list[str]) -> int | None:
         return cmd_tokenizer_eval(args) if args.tokenizer_command == "eval" else cmd_tokenizer_train(args)
     if args.command == "train":
         return cmd_train(args, rest)
+    if args.command == "sft":
+        return cmd_sft(args, rest)
     handlers = {
         "prepare": cmd_prepare,
         "generate": cmd_generate,
+        "chat": cmd_chat,
         "plot": cmd_plot,
         "quickstart": cmd_quickstart,
         "export": cmd_export,
