@@ -134,14 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="pretrain or continue training a model",
         description="Overrides: --section.key=value (sections: model, data, optimizer, schedule, system, logging) "
-        "or the flat flags --dataset --epochs --max-iters --batch-size --learning-rate --eval-interval "
-        "--log-interval --checkpoint-interval --seed --device --output-checkpoint.",
+        "or the flat flags --dataset --epochs --max-iters --max-tokens --batch-size (a number or auto) --global-batch "
+        "--learning-rate --eval-interval --log-interval --checkpoint-interval --checkpoint-minutes --patience --seed "
+        "--device --dtype --compile --fsdp --tensorboard --wandb --output-checkpoint. Several processes: "
+        "torchrun --nproc_per_node=N -m jojo.cli train ...",
     )
     tr.add_argument("--config", default="tiny", help="JSON config file or preset name (configs/)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     tr.add_argument("--init-from", help="start from this checkpoint's weights (fresh optimizer and step)")
     tr.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
     tr.add_argument("--save-config", help="write the resolved config to this JSON file and exit")
+    tr.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build model, data and optimizer; print parameters, FLOPs/token, memory estimate and budget; exit",
+    )
 
     sf = sub.add_parser(
         "sft",

@@ -147,9 +147,14 @@ def cmd_train(args, rest: list[str]) -> None:
         if args.show_config:
             print(json.dumps(cfg.to_dict(), indent=2))
         return
+    if args.dry_run:
+        from jojo.train.run import dry_run
+
+        dry_run(cfg, init_from=args.init_from)
+        return
     result = run_training(cfg, resume=args.resume, init_from=args.init_from)
     bpb = f", val {result.val_bpb:.4f} bpb" if result.val_bpb is not None else ""
-    state = "interrupted and saved" if result.interrupted else "done"
+    state = "interrupted and saved" if result.interrupted else "stopped early" if result.stopped_early else "done"
     print(
         f"{state}: step {result.step}, val loss {result.val_loss:.4f}{bpb}, "
         f"{result.tokens_per_second:,.0f} tokens/s -> {result.run_dir}"

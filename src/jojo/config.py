@@ -88,12 +88,14 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = ""  # a prepared data directory (train.bin/val.bin/meta.json), made by `jojo prepare`
-    batch_size: int = 8  # micro-batch rows per device per step
+    batch_size: int = 8  # micro-batch rows per device per step; 0 ("auto" on the command line): largest that fits
+    global_batch: int = 0  # rows per optimizer step over all ranks and micro-steps, kept by batch_size auto
     doc_aligned: bool = False  # every row starts at a document start
     packing: bool = True  # SFT: several conversations per row (no attention across them), else one per row
 
     def __post_init__(self) -> None:
-        _check_positive("data.batch_size", self.batch_size)
+        _check_positive("data.batch_size", self.batch_size, allow_zero=True)
+        _check_positive("data.global_batch", self.global_batch, allow_zero=True)
 
 
 @dataclass
@@ -148,8 +150,9 @@ class ScheduleConfig:
 class SystemConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (autocast); auto = bf16 on capable GPUs, else fp32
-    compile: bool = False
-    tf32: bool = True
+    compile: bool = False  # torch.compile the model (worth it on GPUs; minutes of compiling on a CPU)
+    fsdp: bool = False  # under torchrun on GPUs: shard parameters/grads/optimizer state (FSDP2) instead of DDP
+    tf32: bool = True  # CUDA float32 matmuls/convolutions on TF32 tensor cores
     seed: int = 1337
     threads: int = 0  # CPU threads for torch; 0 = torch's default
 
@@ -171,11 +174,19 @@ class LoggingConfig:
     checkpoint_minutes: float = 0.0
     keep_last: int = 2
     progress: bool = True
+    patience: int = 0  # early stopping: stop after this many evaluations without a better val loss; 0 = never
+    tensorboard: bool = False  # scalars and sampled text in OUT_DIR/tensorboard
+    wandb: bool = False  # Weights & Biases (pip install wandb; WANDB_MODE=offline works without an account)
+    wandb_project: str = "jojo"
+    sample_tokens: int = 48  # tokens of the text sample generated at each evaluation (tensorboard/wandb); 0 = none
 
     def __post_init__(self) -> None:
         for key in ("log_interval", "eval_interval"):
             _check_positive(f"logging.{key}", getattr(self, key))
         _check_positive("logging.keep_last", self.keep_last)
+        for key in ("patience", "checkpoint_interval", "eval_iters", "sample_tokens"):
+            _check_positive(f"logging.{key}", getattr(self, key), allow_zero=True)
+        _check_positive("logging.checkpoint_minutes", self.checkpoint_minutes, allow_zero=True)
 
 
 @dataclass
@@ -230,11 +241,22 @@ FLAT_FLAGS = {
     "out": "logging.out_dir",
     "family": "model.family",
     "block-size": "model.block_size",
+    "global-batch": "data.global_batch",
+    "compile": "system.compile",
+    "fsdp": "system.fsdp",
+    "patience": "logging.patience",
+    "tensorboard": "logging.tensorboard",
+    "wandb": "logging.wandb",
+    "checkpoint-minutes": "logging.checkpoint_minutes",
     "packing": "data.packing",
     "lora-rank": "lora.rank",
     "lora-alpha": "lora.alpha",
     "lora-targets": "lora.targets",
 }
+
+
+# Integer keys that also accept the word "auto", stored as 0.
+AUTO_INT_KEYS = {"data.batch_size"}
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -256,6 +278,8 @@ def _coerce(key: str, raw: Any, typ: Any) -> Any:
         if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null")):
             return None
         typ = args[0]
+    if key in AUTO_INT_KEYS and isinstance(raw, str) and raw.lower() == "auto":
+        return 0
     try:
         if typ is bool:
             if isinstance(raw, bool):
@@ -283,6 +307,8 @@ def _coerce(key: str, raw: Any, typ: Any) -> Any:
         pass
     else:
         return raw
+    if typ is bool:
+        raise JojoError(f"invalid value {raw!r} for '{key}'; allowed values: true, false")
     raise JojoError(f"invalid value {raw!r} for '{key}'; expected {getattr(typ, '__name__', typ)}")
 
 

@@ -7,7 +7,8 @@ packed rows) through the same `fit`. Sources implement `next_batch() -> dict`, `
 
 Each step: set the LR from the schedule, run `grad_accum` micro-batches (DDP syncs gradients on the last
 only), clip, step. Every `eval_interval` steps (and at the end): validation loss and bits per byte, a
-checkpoint, the loss plot. Ctrl+C or SIGTERM finishes the current step, saves, and exits cleanly.
+checkpoint, the loss plot; with `logging.patience` the run stops early after that many evaluations without
+a better validation loss. Ctrl+C or SIGTERM finishes the current step, saves, and exits cleanly.
 """
 
 from __future__ import annotations
@@ -130,7 +131,12 @@ def fit(
     log = cfg.logging
     run_dir = Path(log.out_dir)
     seed_everything(cfg.system.seed + rt.rank)
+    if rt.fsdp and cfg.optimizer.name == "muon":
+        raise JojoError("optimizer.name=muon does not work with --system.fsdp (it needs whole matrices); use adamw")
+    # Wrap first: FSDP2 turns the parameters into sharded DTensors, and the optimizer must hold those.
+    train_model = wrap_for_training(model, rt, cfg.system.compile)
     optimizer = build_optimizer(model, cfg.optimizer, rt.device.type)
+    scaler = rt.grad_scaler()
     micro_bs = cfg.data.batch_size
     tokens_per_step = micro_bs * model.config.block_size * cfg.optimizer.grad_accum * rt.world_size
     steps = total_steps(cfg, max(train_source.steps_per_epoch // cfg.optimizer.grad_accum, 1), tokens_per_step)
@@ -143,7 +149,9 @@ def fit(
             raise JojoError(
                 f"checkpoint {resume_from} has no optimizer state; use --init-from to start from its weights"
             )
-        optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer(model, optimizer, state["optimizer"], rt)
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
         if torch.cuda.is_available() and "rng_cuda" in state and rt.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"], rt.device)
@@ -157,8 +165,7 @@ def fit(
                 "raise --max-iters to train further"
             )
 
-    train_model = wrap_for_training(model, rt, cfg.system.compile)
-    monitor = Monitor(run_dir, resume=resume_from is not None) if rt.is_main else None
+    monitor = Monitor(run_dir, cfg, resume=resume_from is not None) if rt.is_main else None
     if monitor and resume_from is None:
         cfg.save(run_dir / "run_config.json")
     flops_tok = model.flops_per_token()
@@ -170,6 +177,10 @@ def fit(
         bar = tqdm(total=steps, initial=start_step, desc="train", dynamic_ncols=True, leave=True)
 
     def save(step: int, val_loss: float | None, is_best: bool) -> None:
+        if rt.fsdp:  # gathering the full weights and optimizer state is a collective: every rank takes part
+            weights, opt_sd = _gather_fsdp(model, optimizer)
+        else:
+            weights, opt_sd = None, None
         if not rt.is_main:
             return
         state = {
@@ -180,10 +191,13 @@ def fit(
             "run_config": cfg.to_dict(),
             **(extra_state or {}),
         }
-        opt_state = {"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state()}
+        opt_state = {"optimizer": opt_sd or optimizer.state_dict(), "rng_cpu": torch.get_rng_state()}
         if rt.device.type == "cuda":
             opt_state["rng_cuda"] = torch.cuda.get_rng_state(rt.device)
-        weights = state_dict_fn() if state_dict_fn else None
+        if scaler is not None:
+            opt_state["scaler"] = scaler.state_dict()
+        if state_dict_fn:
+            weights = state_dict_fn()
         ckpt_io.write_checkpoint(
             run_dir, step, model, tokenizer, state, opt_state, log.keep_last, best=is_best, weights=weights
         )
@@ -197,6 +211,8 @@ def fit(
                 row["entropy_floor_bpb"] = entropy_floor_bpb
                 row["entropy_floor_loss"] = entropy_floor_bpb * LN2 * bytes_per_token
             monitor.log("eval", step, **row)
+            if monitor.wants_sample and not rt.fsdp:  # FSDP's forward is collective: no rank-0-only decoding
+                monitor.sample(step, model, tokenizer)
         return val_loss, val_bpb
 
     model.train()
@@ -207,7 +223,8 @@ def fit(
     tps = 0.0
     step = start_step
     stop = _StopFlag()
-    interrupted = False
+    interrupted = stopped_early = False
+    evals_without_gain = 0
     with stop:
         while step < steps:
             mult = lr_multiplier(step, steps, cfg.schedule)
@@ -220,15 +237,27 @@ def fit(
                 y = batch["targets"].to(rt.device, non_blocking=True)
                 kwargs = {"doc_ids": batch["doc_ids"].to(rt.device)} if "doc_ids" in batch else {}
                 sync = micro == cfg.optimizer.grad_accum - 1
-                ctx = train_model.no_sync() if rt.distributed and not sync else contextlib.nullcontext()
+                ctx = contextlib.nullcontext()
+                if rt.fsdp:
+                    model.set_requires_gradient_sync(sync)  # reduce-scatter gradients on the last micro-step only
+                elif rt.distributed and not sync:
+                    ctx = train_model.no_sync()
                 with ctx, rt.autocast():
                     _, loss = train_model(x, y, **kwargs)
                     loss = loss / cfg.optimizer.grad_accum
-                loss.backward()
+                (scaler.scale(loss) if scaler else loss).backward()
                 loss_sum += loss.detach()
+            if scaler:
+                for opt in optimizer.optimizers:
+                    scaler.unscale_(opt)  # true gradients for clipping; scaler.step skips a step with inf/nan
             if cfg.optimizer.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
-            optimizer.step()
+            if scaler:
+                for opt in optimizer.optimizers:
+                    scaler.step(opt)
+                scaler.update()
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += tokens_per_step
@@ -269,6 +298,9 @@ def fit(
                 val_loss, val_bpb = run_eval(step)
                 is_best = val_loss < best_val
                 best_val = min(best_val, val_loss)
+                evals_without_gain = 0 if is_best else evals_without_gain + 1
+                if log.patience and evals_without_gain >= log.patience and not last:
+                    stopped_early = True  # every rank computes the same val loss, so all stop together
                 save(step, val_loss, is_best)  # a save before (and with) every evaluation
                 t_last_save = time.time()
                 if monitor:
@@ -281,11 +313,15 @@ def fit(
             if stop.raised:
                 interrupted = True
                 break
+            if stopped_early:
+                if monitor:
+                    monitor.log("early_stop", step, patience=log.patience, best_val_loss=best_val)
+                break
     if bar:
         bar.close()
     wall = time.time() - t_start
     if monitor:
-        monitor.log("end", step, wall_seconds=wall, interrupted=interrupted)
+        monitor.log("end", step, wall_seconds=wall, interrupted=interrupted, stopped_early=stopped_early)
         monitor.close()
     done_tokens = tokens_seen - (start_step * tokens_per_step)
     return FitResult(
@@ -298,8 +334,35 @@ def fit(
         tokens_per_second=done_tokens / max(wall, 1e-9),
         tokens_seen=tokens_seen,
         wall_seconds=wall,
+        stopped_early=stopped_early,
         interrupted=interrupted,
     )
+
+
+def _gather_fsdp(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+    """Full (unsharded) weights and optimizer state on CPU, for a checkpoint that loads without FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=opts)
+    _, opt_sd = get_state_dict(model, optimizer.optimizers, options=opts)
+    if model.config.tie_embeddings:
+        weights.pop("lm_head.weight", None)  # stored once, as the embedding (see checkpoint.unique_state_dict)
+    return {k: v.contiguous() for k, v in weights.items()}, {"fsdp_full": opt_sd}
+
+
+def _load_optimizer(model: torch.nn.Module, optimizer, saved: dict, rt: Runtime) -> None:
+    if "fsdp_full" in saved:
+        if not rt.fsdp:
+            raise JojoError("this checkpoint's optimizer state was saved under --system.fsdp; resume with it")
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+        set_optimizer_state_dict(model, optimizer.optimizers, saved["fsdp_full"], options=opts)
+    elif rt.fsdp:
+        raise JojoError("this checkpoint was saved without --system.fsdp; resume it without FSDP")
+    else:
+        optimizer.load_state_dict(saved)
 
 
 def _read_state(path: Path) -> dict:

@@ -2,6 +2,15 @@
 
 Only rank 0 constructs a Monitor. `metrics.jsonl` is appended one JSON object per event, so a crash loses at
 most the line being written, and `jojo plot RUN_DIR` can redraw the PNG from it at any time.
+
+Optional integrations live here and only here, imported when switched on, and see only the numbers the loop
+already logs at its log interval (never a per-step device sync):
+
+- `logging.tensorboard`: `torch.utils.tensorboard.SummaryWriter` into RUN_DIR/tensorboard: every numeric field
+  as a scalar `<event>/<name>` (train/loss, train/lr, eval/val_loss, ...) and a text sample at each evaluation.
+  View with `tensorboard --logdir RUN_DIR/tensorboard`.
+- `logging.wandb`: Weights & Biases, the same scalars and samples (`WANDB_MODE=offline` runs without an account;
+  `wandb sync` uploads later).
 """
 
 from __future__ import annotations
@@ -64,22 +73,97 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+def _open_tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise JojoError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def _open_wandb(run_dir: Path, cfg, resume: bool):
+    try:
+        import wandb
+    except ImportError:
+        raise JojoError("--wandb needs the wandb package: pip install wandb") from None
+    return wandb.init(
+        project=cfg.logging.wandb_project,
+        name=run_dir.resolve().name,
+        dir=str(run_dir),
+        config=cfg.to_dict(),
+        resume="allow" if resume else None,
+        id=_wandb_id(run_dir, resume),
+    )
+
+
+def _wandb_id(run_dir: Path, resume: bool) -> str:
+    """One W&B run per run directory: the id is kept in RUN_DIR/wandb_id so --resume continues the same run."""
+    import uuid
+
+    path = run_dir / "wandb_id"
+    if resume and path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    path.write_text(run_id + "\n")
+    return run_id
+
+
 class Monitor:
-    def __init__(self, run_dir: str | Path, resume: bool = False):
+    def __init__(self, run_dir: str | Path, cfg=None, resume: bool = False):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / METRICS_FILE
         if not resume and path.exists():
             path.unlink()
+        log = cfg.logging if cfg is not None else None
+        self.tb = _open_tensorboard(self.run_dir) if log and log.tensorboard else None
+        self.wandb = _open_wandb(self.run_dir, cfg, resume) if log and log.wandb else None
+        self.sample_tokens = log.sample_tokens if log else 0
         self._fh = open(path, "a")
+
+    @property
+    def wants_sample(self) -> bool:
+        return bool(self.sample_tokens and (self.tb or self.wandb))
 
     def log(self, event: str, step: int, **values) -> None:
         row = {"event": event, "step": step, **values}
         self._fh.write(json.dumps(row) + "\n")
         self._fh.flush()
+        scalars = {
+            f"{event}/{k}": float(v)
+            for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        if self.tb and scalars:
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, step)
+        if self.wandb and scalars:
+            self.wandb.log(scalars, step=step)
+
+    def sample(self, step: int, model, tokenizer) -> str:
+        """A short sample (temperature 0.8, top-k 50, its own seeded generator) from an <|endoftext|> prompt."""
+        from jojo.infer.engine import SamplingConfig, generate
+
+        was_training = model.training
+        model.eval()
+        sc = SamplingConfig(max_tokens=self.sample_tokens, temperature=0.8, top_k=50, seed=step)
+        ids = generate(model, [tokenizer.eot_id], sc, tokenizer.vocab_size, stop_ids={tokenizer.eot_id})
+        model.train(was_training)
+        text = tokenizer.decode(ids)
+        if self.tb:
+            self.tb.add_text("sample", text, step)
+        if self.wandb:
+            self.wandb.log({"sample": text}, step=step)
+        return text
 
     def plot(self) -> None:
         plot_run(self.run_dir)
+        if self.tb:
+            self.tb.flush()
 
     def close(self) -> None:
         self._fh.close()
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()

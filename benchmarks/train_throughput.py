@@ -1,0 +1,189 @@
+"""Training speed: Jojo's training step vs a Hugging Face transformers model of the same architecture.
+
+Both sides are built from one set of sizes with random init (speed does not depend on what the weights say):
+Jojo's `GPT` and `GPT2LMHeadModel` (or `LlamaForCausalLM` with `--family llama`) with SDPA attention, same
+vocabulary, layers, width, heads, context, batch and dtype. One training step is what a training loop does:
+forward with the loss, backward, gradient clipping, an AdamW step and zero_grad.
+
+- jojo: `GPT(cfg)(x, targets)` under `Runtime.autocast()`, the optimizer from `jojo.train.optim.build_optimizer`
+  (AdamW, decay on matrices only): the exact step `jojo.train.loop.fit` runs.
+- transformers: `model(input_ids=x, labels=x)` (its own shifted loss) and `torch.optim.AdamW` with its defaults
+  (how a hand-written HF training loop or `Trainer` without options runs).
+
+Timing: `--rounds` rounds after warm-up; in each round both contenders run `--steps` steps back to back, taking
+turns (so a slow spell of a shared machine hits both alike); tokens/s per round, median over rounds. MFU is
+6N+attention FLOPs per token (`GPT.flops_per_token`, PaLM appendix B) times tokens/s over the GPU's dense
+bf16/tf32 peak, printed only where the peak is known (CUDA GPUs in `jojo.train.system.PEAK_FLOPS`).
+
+    python benchmarks/train_throughput.py                     # gpt2 6x384, ctx 256, batch 8, vocab 8192: 13.9M params
+    python benchmarks/train_throughput.py --family llama
+    python benchmarks/train_throughput.py --preset gpt2-124m --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from jojo.config import ModelConfig, OptimizerConfig, load_config
+from jojo.model import GPT
+from jojo.train.optim import build_optimizer
+from jojo.train.system import Runtime, peak_flops, pick_device, pick_dtype
+
+
+def hf_model(cfg: ModelConfig, dtype_name: str):
+    """The transformers model of the same architecture, random init, SDPA attention."""
+    if cfg.family == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        hc = GPT2Config(
+            vocab_size=cfg.vocab_size,
+            n_positions=cfg.block_size,
+            n_embd=cfg.n_embd,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_inner=cfg.mlp_hidden,
+            activation_function="gelu_new",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            layer_norm_epsilon=cfg.norm_eps,
+            tie_word_embeddings=cfg.tie_embeddings,
+        )
+        hc._attn_implementation = "sdpa"
+        return GPT2LMHeadModel(hc)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hc = LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.n_embd,
+        intermediate_size=cfg.mlp_hidden,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head,
+        max_position_embeddings=cfg.block_size,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_bias=cfg.bias,
+        mlp_bias=cfg.bias,
+    )
+    hc._attn_implementation = "sdpa"
+    return LlamaForCausalLM(hc)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", help="take model sizes, batch and dtype from a Jojo config preset (e.g. gpt2-124m)")
+    ap.add_argument("--family", choices=["gpt2", "llama"], default="gpt2")
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=3, help="steps per contender per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--only", choices=["jojo", "transformers"], help="time one side only")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.preset:
+        tc = load_config(args.preset)
+        cfg, batch = tc.model, tc.data.batch_size
+    else:
+        cfg = ModelConfig(
+            family=args.family,
+            vocab_size=args.vocab,
+            block_size=args.ctx,
+            n_layer=args.layers,
+            n_head=args.heads,
+            n_kv_head=args.heads // 2 if args.family == "llama" else None,
+            n_embd=args.dim,
+            tie_embeddings=True,
+        )
+        batch = args.batch
+    device = pick_device(args.device)
+    rt = Runtime(device, pick_dtype(args.dtype, device))
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size + 1), generator=g).to(device)
+    x, y = data[:, :-1], data[:, 1:]
+    opt_cfg = OptimizerConfig(lr=1e-4)
+
+    contenders = {}
+    jojo = GPT(cfg).to(device).train()
+    n_params = jojo.num_params()
+    flops_tok = jojo.flops_per_token()
+    if args.only != "transformers":
+        jopt = build_optimizer(jojo, opt_cfg, device.type)
+
+        def jojo_step():
+            with rt.autocast():
+                _, loss = jojo(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(jojo.parameters(), 1.0)
+            jopt.step()
+            jopt.zero_grad(set_to_none=True)
+            return loss
+
+        contenders["jojo"] = jojo_step
+    if args.only != "jojo":
+        peer = hf_model(cfg, args.dtype).to(device).train()
+        n_peer = sum(p.numel() for p in peer.parameters())
+        assert n_peer == n_params, f"parameter counts differ: jojo {n_params:,} vs transformers {n_peer:,}"
+        popt = torch.optim.AdamW(peer.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+        def peer_step():
+            with rt.autocast():
+                loss = peer(input_ids=x, labels=x).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(peer.parameters(), 1.0)
+            popt.step()
+            popt.zero_grad(set_to_none=True)
+            return loss
+
+        contenders["transformers"] = peer_step
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    tokens = batch * cfg.block_size
+    print(
+        f"{cfg.family} {cfg.n_layer}x{cfg.n_embd}, {cfg.n_head} heads, ctx {cfg.block_size}, vocab {cfg.vocab_size}: "
+        f"{n_params / 1e6:.2f}M params; batch {batch} ({tokens} tokens/step), {rt.dtype}, {device}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    for fn in contenders.values():  # warm-up: allocator, oneDNN primitives, optimizer state
+        for _ in range(2):
+            fn()
+    sync()
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(args.rounds):
+        for name, fn in contenders.items():
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                loss = fn()
+            float(loss)
+            sync()
+            rates[name].append(args.steps * tokens / (time.perf_counter() - t0))
+    peak = peak_flops(device, rt.dtype)
+    med = {name: statistics.median(v) for name, v in rates.items()}
+    for name, v in rates.items():
+        mfu = f", MFU {100 * flops_tok * med[name] / peak:.1f}%" if peak else ""
+        print(f"{name:>13}: {med[name]:,.0f} tokens/s (rounds: {', '.join(f'{r:,.0f}' for r in v)}){mfu}")
+    if len(med) == 2:
+        print(f"jojo / transformers: {med['jojo'] / med['transformers']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
