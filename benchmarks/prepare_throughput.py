@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import threading
@@ -70,27 +69,48 @@ def _tree_rss_kb(pid: int) -> int:
 
 
 def run_prepare(args: list[str]) -> dict:
-    """Run `jojo prepare ARGS` as a child; wall time, peak single-process RSS and peak tree RSS."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run `jojo prepare ARGS` as a child; wall time, its peak single-process RSS (wait4: the command or one
+    of its workers, whichever peaked highest) and the peak of the whole tree summed."""
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "jojo.cli", "prepare", *args, "--no-progress"], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    peak = [0]
+    done, peak, out = threading.Event(), [0], []
 
     def poll() -> None:
-        while proc.poll() is None:
+        while not done.is_set():
             peak[0] = max(peak[0], _tree_rss_kb(proc.pid))
             time.sleep(0.05)
 
-    watcher = threading.Thread(target=poll, daemon=True)
-    watcher.start()
-    out, _ = proc.communicate()
+    threads = [
+        threading.Thread(target=poll, daemon=True),
+        threading.Thread(target=lambda: out.append(proc.stdout.read())),
+    ]
+    for t in threads:
+        t.start()
+    _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - started
-    watcher.join()
+    done.set()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    for t in threads:
+        t.join()
     if proc.returncode:
-        raise SystemExit(f"jojo prepare failed:\n{out}")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"seconds": seconds, "max_rss_mb": max(after, before) / 1e3, "tree_rss_mb": peak[0] / 1e3, "log": out}
+        raise SystemExit(f"jojo prepare failed:\n{out[0]}")
+    return {"seconds": seconds, "max_rss_mb": usage.ru_maxrss / 1e3, "tree_rss_mb": peak[0] / 1e3, "log": out[0]}
+
+
+def generate_from(path: Path, size: int, source: Path) -> None:
+    """A corpus made of a real text's paragraphs (blank-line separated), repeated, as documents."""
+    from jojo.data.sources import iter_texts
+
+    if path.exists() and path.stat().st_size >= size:
+        return
+    docs = [d + f"\n{EOT}\n" for d in iter_texts(source, split_on="blank")]
+    block = "".join(docs).encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as fh:
+        for _ in range(size // len(block) + 1):
+            fh.write(block)
+    print(f"generated {path.stat().st_size / 1e6:,.0f} MB from {source} -> {path}", flush=True)
 
 
 def tiktoken_baseline(path: Path, tokenizer_path: Path, threads: int) -> dict:
@@ -139,6 +159,10 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/jojo_bench", help="where the corpus and outputs go (never the repo)")
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument(
+        "--text",
+        help="build the corpus from this real text file's paragraphs, repeated (default: Jojo's generated corpus)",
+    )
     args = ap.parse_args()
 
     from jojo.data.prepare import default_workers, sample_texts
@@ -146,11 +170,15 @@ def main() -> None:
     from jojo.tokenizer import train_tokenizer
 
     work = Path(args.dir)
-    corpus = work / f"corpus_{args.size_gb:g}gb.txt"
-    generate(corpus, int(args.size_gb * 1e9))
+    if args.text:
+        corpus = work / f"{Path(args.text).stem}_{args.size_gb:g}gb.txt"
+        generate_from(corpus, int(args.size_gb * 1e9), Path(args.text))
+    else:
+        corpus = work / f"corpus_{args.size_gb:g}gb.txt"
+        generate(corpus, int(args.size_gb * 1e9))
     size_mb = corpus.stat().st_size / 1e6
     cores = default_workers()
-    tok_path = work / "tokenizer.json"
+    tok_path = work / f"tokenizer_{corpus.stem}.json"
     tok = train_tokenizer(sample_texts(FileSource(corpus), int(20e6)), args.vocab_size)
     tok.save(tok_path)
     print(f"corpus {size_mb:,.0f} MB; tokenizer {tok.vocab_size} tokens; {cores} cores", flush=True)

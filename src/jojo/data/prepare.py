@@ -311,7 +311,7 @@ def prepare_source(
         from tqdm import tqdm
 
         bar = tqdm(total=source.total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="prepare",
-                   mininterval=0.5, smoothing=0.05, dynamic_ncols=True)  # fmt: skip
+                   mininterval=0.5, smoothing=0.05)  # fmt: skip
     started = time.perf_counter()
     read_bytes = 0
 
@@ -496,6 +496,66 @@ def sample_texts(source: Source, max_bytes: int) -> Iterator[str]:
             return
 
 
+def _train_job(source: Source, vocab_size: int, max_bytes: int, max_docs: int) -> tuple[str, int]:
+    from jojo.tokenizer import train_tokenizer
+
+    texts = sample_texts(source, max_bytes)
+    if max_docs:
+        texts = itertools.islice(texts, max_docs)
+    seen = [0]
+
+    def counted() -> Iterator[str]:
+        for text in texts:
+            seen[0] += len(text)
+            yield text
+
+    return train_tokenizer(counted(), vocab_size).to_json(), seen[0]
+
+
+def _train_child(conn, job: tuple) -> None:
+    try:
+        conn.send(("ok", _train_job(*job)))
+    except BaseException as exc:  # hand every failure, JojoError included, back to the parent
+        conn.send(("error", exc if isinstance(exc, JojoError) else RuntimeError(f"{type(exc).__name__}: {exc}")))
+    finally:
+        conn.close()
+
+
+def train_on_sample(source: Source, vocab_size: int, max_bytes: int, max_docs: int = 0) -> tuple[Tokenizer, int]:
+    """Train a tokenizer on the first `max_bytes` of `source`; returns it and the characters it saw.
+
+    BPE training memory grows with the sample's distinct words (up to ~0.9 GB for 100 MB of text with 3M
+    distinct words, measured), and glibc keeps freed memory: so the training runs in a forked child process
+    that exits, and the reader and the encoding workers (forked later) never carry that heap. Where there is
+    no fork (macOS, Windows), it runs in-process.
+    """
+    import multiprocessing as mp
+
+    job = (source, vocab_size, max_bytes, max_docs)
+    if "fork" not in mp.get_all_start_methods():
+        text, seen = _train_job(*job)
+    else:
+        ctx = mp.get_context("fork")
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_train_child, args=(child, job), daemon=True)
+        proc.start()
+        child.close()
+        try:
+            status, payload = parent.recv()
+        except EOFError:
+            proc.join()
+            raise JojoError(f"tokenizer training died (exit code {proc.exitcode}; out of memory?)") from None
+        finally:
+            parent.close()
+        proc.join()
+        if status == "error":
+            raise payload
+        text, seen = payload
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return Tokenizer(HFTokenizer.from_str(text)), seen
+
+
 def prepare_corpus(
     source: Source,
     out_dir: str | Path,
@@ -522,8 +582,6 @@ def prepare_corpus(
     Without a tokenizer, one is trained on the first `tokenizer_sample_mb` MB of documents only: BPE merges
     settle long before that on any one corpus, and training memory grows with the sample, not the corpus.
     """
-    from jojo.tokenizer import train_tokenizer
-
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer) if tokenizer else None
     spec = tok.hash if tok else {"train_vocab": vocab_size, "sample_mb": tokenizer_sample_mb}
     options = {"val": val_fraction, "test": test_fraction, "seed": seed, "max_docs": max_docs,
@@ -539,19 +597,9 @@ def prepare_corpus(
             return meta, True
     if tok is None:
         started = time.perf_counter()
-        texts = sample_texts(source, int(tokenizer_sample_mb * 1e6))
-        if max_docs:
-            texts = itertools.islice(texts, max_docs)
-        seen = [0]
-
-        def counted() -> Iterator[str]:
-            for text in texts:
-                seen[0] += len(text)
-                yield text
-
-        tok = train_tokenizer(counted(), vocab_size)
+        tok, seen = train_on_sample(source, vocab_size, int(tokenizer_sample_mb * 1e6), max_docs)
         log(
-            f"trained a tokenizer on {seen[0] / 1e6:.1f} MB of text (at most the first {tokenizer_sample_mb:g} MB): "
+            f"trained a tokenizer on {seen / 1e6:.1f} MB of text (at most the first {tokenizer_sample_mb:g} MB): "
             f"{tok.vocab_size} tokens, hash {tok.hash}, {time.perf_counter() - started:.1f} s"
         )
     meta = prepare_source(
