@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 from jojo.errors import JojoError
@@ -11,29 +11,14 @@ from jojo.errors import JojoError
 EMBEDDED = "embedded"
 
 
-def embedded_records(n_docs: int, seed: int = 0) -> Iterator[dict]:
-    """Jojo's own corpus (stories + chats), each record carrying its information content in bits."""
-    from jojo.data.synthetic import generate_corpus
-
-    for doc in generate_corpus(n_docs, seed=seed):
-        yield {"text": doc.text, "bits": doc.bits, "kind": doc.kind}
-
-
-def source_records(source: str, field: str = "text", n_docs: int = 20000, seed: int = 0) -> Iterator[dict]:
-    if source == EMBEDDED:
-        return embedded_records(n_docs, seed)
-    from jojo.data.sources import iter_records
-
-    return iter_records(source, field)
-
-
 def cmd_tokenizer_train(args) -> None:
-    from jojo.tokenizer import train_tokenizer
+    from jojo.data.prepare import train_on_sample
+    from jojo.data.recipes import open_source
 
-    texts = (r["text"] for r in source_records(args.input, args.field, args.docs))
-    tok = train_tokenizer(texts, args.vocab_size)
+    source = open_source(args.input, field=args.field, docs=args.docs)
+    tok, seen = train_on_sample(source, args.vocab_size, int(args.max_mb * 1e6))
     path = tok.save(args.out)
-    print(f"tokenizer: {tok.vocab_size} tokens, hash {tok.hash} -> {path}")
+    print(f"tokenizer: {tok.vocab_size} tokens, hash {tok.hash}, trained on {seen / 1e6:.1f} MB of text -> {path}")
 
 
 def _unescape(text: str | None) -> str | None:
@@ -153,6 +138,8 @@ def cmd_train(args, rest: list[str]) -> None:
         dry_run(cfg, init_from=args.init_from)
         return
     result = run_training(cfg, resume=args.resume, init_from=args.init_from)
+    if int(os.environ.get("RANK", "0")):  # under torchrun, rank 0 alone reports
+        return
     bpb = f", val {result.val_bpb:.4f} bpb" if result.val_bpb is not None else ""
     state = "interrupted and saved" if result.interrupted else "stopped early" if result.stopped_early else "done"
     print(
