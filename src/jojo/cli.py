@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--out", required=True, help="output directory (or path ending in .json)")
     tt.add_argument("--field", default="text", help="text field of JSON/JSONL records")
     tt.add_argument("--docs", type=int, default=20000, help="documents of the embedded corpus")
+    tt.add_argument("--max-mb", type=float, default=100, help="train on at most the first N MB (default 100)")
     te = tsub.add_parser("eval", help="bytes per token on a corpus, side by side; checks special tokens")
     te.add_argument("--tokenizer", required=True, help="tokenizer.json (or a folder holding one)")
     te.add_argument("--compare", help="a second tokenizer.json to compare with")
@@ -167,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--format", dest="data_format", default="auto", choices=["auto", "chatml", "alpaca"])
     sf.add_argument("--on-bad", default="skip", choices=["skip", "error"], help="bad conversations: skip (counted)")
     sf.add_argument("--val-fraction", type=float, default=0.05, help="conversations held out for validation")
-    sf.add_argument("--embedded-chats", type=int, default=4000, help="--data embedded: how many chats")
+    sf.add_argument("--embedded-chats", type=int, default=8000, help="--data embedded: how many conversations")
     sf.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
 
     ch = sub.add_parser(

@@ -1,7 +1,8 @@
 """`jojo quickstart`: the whole pipeline on Jojo's own corpus, then a report.
 
 generate corpus -> train tokenizer -> prepare shards -> pretrain the tiny preset -> evaluate (val bits per
-byte next to the corpus's exact entropy floor) -> sample stories -> answer held-out chat questions.
+byte next to the corpus's exact entropy floor) -> sample stories -> answer held-out chat questions -> fine-tune
+for chat (SFT, the sft-tiny preset, on the synthetic chat set) -> answer the held-out questions again.
 
 Every artefact lands in one run directory:
 
@@ -9,6 +10,7 @@ Every artefact lands in one run directory:
     OUT/tokenizer.json
     OUT/data/            token shards + meta.json (with the entropy floor of each split)
     OUT/model/           the training run: checkpoints (latest, best), metrics.jsonl, loss.png
+    OUT/sft/             the chat fine-tuning run, same layout (`jojo chat OUT/sft`)
     OUT/report.json      the report below, for scripts
 """
 
@@ -27,6 +29,7 @@ from jojo.data.prepare import prepare_records
 from jojo.data.synthetic import generate_corpus, heldout_questions
 from jojo.errors import JojoError
 from jojo.infer.engine import SamplingConfig, generate
+from jojo.sft import run_sft
 from jojo.tokenizer import Tokenizer, render_chat, train_tokenizer
 from jojo.train.checkpoint import load_checkpoint
 from jojo.train.loop import LN2, evaluate
@@ -35,6 +38,9 @@ from jojo.train.system import Runtime, pick_device
 
 # Default budget (scale 1): sized for about five minutes in all on 2 CPU cores.
 CORPUS_DOCS = 12_000
+SFT_CHATS = 8_000  # synthetic conversations for the SFT stage (60% single questions, 40% corpus chats)
+CHAT_FRACTION = 0.5  # of the pretraining corpus (the rest: stories)
+MIN_DOCS = 1500  # below scale 1 the corpus shrinks too (tests run the pipeline at a small scale), to this floor
 VOCAB_SIZE = 1024
 STORY_PROMPT = "Once upon a time"
 N_QUESTIONS = 100
@@ -93,18 +99,18 @@ def run_quickstart(
         raise JojoError(f"{out_dir} already holds a quickstart run; pass another --out or delete it")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    n_docs = int(CORPUS_DOCS * max(scale, 1.0))
-    _say(f"[1/6] generating the embedded corpus: {n_docs:,} stories and chats (seed {seed})")
-    docs = generate_corpus(n_docs, seed=seed)
+    n_docs = max(int(CORPUS_DOCS * scale), MIN_DOCS)
+    _say(f"[1/7] generating the embedded corpus: {n_docs:,} stories and chats (seed {seed})")
+    docs = generate_corpus(n_docs, seed=seed, chat_fraction=CHAT_FRACTION)
     with open(out_dir / "corpus.jsonl", "w", encoding="utf-8") as fh:
         for d in docs:
             fh.write(json.dumps({"text": d.text, "bits": d.bits, "kind": d.kind}) + "\n")
 
-    _say(f"[2/6] training a byte-level BPE tokenizer ({VOCAB_SIZE} tokens)")
+    _say(f"[2/7] training a byte-level BPE tokenizer ({VOCAB_SIZE} tokens)")
     tok = train_tokenizer((d.text for d in docs), VOCAB_SIZE)
     tok.save(out_dir / "tokenizer.json")
 
-    _say("[3/6] preparing token shards")
+    _say("[3/7] preparing token shards")
     records = ({"text": d.text, "bits": d.bits} for d in docs)
     meta = prepare_records(records, tok, out_dir / "data", val_fraction=0.05, seed=seed, source="embedded")
     val = meta["splits"]["val"]
@@ -125,12 +131,12 @@ def run_quickstart(
         },
     )
     _say(
-        f"[4/6] pretraining the '{preset}' preset for {cfg.schedule.max_steps} steps "
+        f"[4/7] pretraining the '{preset}' preset for {cfg.schedule.max_steps} steps "
         f"({cfg.data.batch_size} x {cfg.model.block_size} tokens per step)"
     )
     result = run_training(cfg)
 
-    _say("[5/6] evaluating on the whole validation split")
+    _say("[5/7] evaluating on the whole validation split")
     dev = pick_device(device)
     model, tok, state = load_checkpoint(out_dir / "model", dev)
     val_src = BatchLoader(out_dir / "data", "val", batch_size=8, block_size=model.config.block_size, shuffle=False)
@@ -138,11 +144,35 @@ def run_quickstart(
     val_bpb = val_loss / LN2 / (val["bytes"] / val["tokens"])
     unigram = unigram_entropy_nats(out_dir / "data")
 
-    _say("[6/6] sampling stories and answering held-out chat questions")
     stories = sample_stories(model, tok, 3, seed=seed)
-    accuracy, qa_rows = chat_exact_match(model, tok, heldout_questions(N_QUESTIONS, seed=12345 + seed))
+    questions = heldout_questions(N_QUESTIONS, seed=12345 + seed)
+    accuracy_base, _ = chat_exact_match(model, tok, questions)
+    _say(f"      val {val_bpb:.4f} bits/byte; held-out chat questions, base model: {100 * accuracy_base:.0f}% exact")
     history = [json.loads(line) for line in (out_dir / "model" / "metrics.jsonl").read_text().splitlines()]
     curve = [(r["step"], round(r["loss"], 4)) for r in history if r.get("event") == "train"]
+
+    sft_cfg = load_config(
+        "sft-tiny",
+        {
+            "data": {"dataset": "embedded"},
+            "schedule": {"max_steps": max(int(round(load_config("sft-tiny").schedule.max_steps * scale)), 1)},
+            "system": {"device": device, "seed": 1337 + seed},
+            "logging": {"out_dir": str(out_dir / "sft")},
+        },
+    )
+    n_chats = max(int(SFT_CHATS * min(scale, 1.0)), 200)
+    _say(
+        f"[6/7] fine-tuning for chat (SFT) for {sft_cfg.schedule.max_steps} steps on {n_chats:,} synthetic "
+        "conversations, loss on the assistant turns only"
+    )
+    sft = run_sft(sft_cfg, str(out_dir / "model"), embedded_n=n_chats, say=lambda m: _say(f"      {m}"))
+
+    _say("[7/7] answering the held-out chat questions with the fine-tuned model")
+    chat_model, _, _ = load_checkpoint(out_dir / "sft", dev)
+    accuracy, qa_rows = chat_exact_match(chat_model, tok, questions)
+    by_kind: dict[str, list[bool]] = {}
+    for qa, row in zip(questions, qa_rows):
+        by_kind.setdefault(qa.kind, []).append(row["ok"])
 
     report = {
         "params": model.num_params(),
@@ -155,12 +185,21 @@ def run_quickstart(
         "val_bpb": round(val_bpb, 4),
         "entropy_floor_bpb": round(floor_bpb, 4),
         "unigram_entropy_nats": round(unigram, 4),
+        "chat_exact_match_base": accuracy_base,
         "chat_exact_match": accuracy,
+        "chat_exact_match_by_kind": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_kind.items())},
         "chat_questions": len(qa_rows),
+        "sft_steps": sft.fit.step,
+        "sft_seconds": round(sft.fit.wall_seconds, 1),
+        "sft_conversations": len(sft.data.train),
+        "sft_trained_fraction": round(sft.stats["trained_fraction"], 4),
+        "sft_val_loss": round(sft.fit.val_loss, 4) if sft.fit.val_loss is not None else None,
         "loss_curve": curve,
         "stories": stories,
         "chat_answers": qa_rows[:10],
+        "chat_misses": [row for row in qa_rows if not row["ok"]][:20],
         "checkpoint": str(out_dir / "model" / "latest"),
+        "chat_checkpoint": str(out_dir / "sft" / "latest"),
         "wall_seconds": round(time.time() - t0, 1),
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -195,12 +234,22 @@ def print_report(r: dict, out_dir: Path) -> None:
         print(f"story {i}: {story.strip()}")
         print()
     print(line)
-    print(f"held-out chat questions: exact match {100 * r['chat_exact_match']:.1f}% of {r['chat_questions']}")
+    print(
+        f"SFT            {r['sft_steps']} steps on {r['sft_conversations']:,} conversations "
+        f"({r['sft_seconds']:.0f} s); trained on {100 * r['sft_trained_fraction']:.1f}% of positions (assistant turns)"
+    )
+    print(
+        f"held-out chat questions ({r['chat_questions']}): exact match {100 * r['chat_exact_match_base']:.1f}% "
+        f"before SFT -> {100 * r['chat_exact_match']:.1f}% after"
+    )
+    kinds = "  ".join(f"{k} {100 * v:.0f}%" for k, v in r["chat_exact_match_by_kind"].items())
+    print(f"  by kind: {kinds}")
     for row in r["chat_answers"][:5]:
         mark = "ok " if row["ok"] else "no "
         print(f"  {mark} Q: {row['question']}  A: {row['answer']!r}  (expected {row['expected']!r})")
     print(line)
     print(f"wall time      {r['wall_seconds']:.0f} s; artefacts in {out_dir}/ (report.json, model/loss.png)")
     print(f'next           jojo generate {out_dir}/model --prompt "Once upon a time"')
+    print(f"               jojo chat {out_dir}/sft")
     if not math.isfinite(r["val_bpb"]):
         print("warning: validation loss is not finite")

@@ -205,12 +205,24 @@ def _reason_kind(reason: str) -> str:
     return "malformed"
 
 
-def embedded_conversations(n: int, seed: int = 0) -> list[list[dict]]:
-    """Jojo's synthetic chat set (the chats of the embedded corpus: questions, greetings, names, stories)."""
-    from jojo.data.synthetic import generate_chats
+def embedded_conversations(n: int, seed: int = 0, qa_fraction: float = 0.6) -> list[list[dict]]:
+    """Jojo's synthetic chat set: `n` conversations, a `qa_fraction` of them single closed-world questions
+    (colours, sounds, opposites, plurals, counting, sums), the rest the embedded corpus's chats (greetings,
+    names, small talk, stories, several questions). Questions come from their own random stream, not the one
+    `heldout_questions` draws from (the closed world is small, so the same question may occur in both)."""
+    from jojo.data.synthetic import generate_chats, question_program, sample
     from jojo.tokenizer import parse_chatml
 
-    return [parse_chatml(doc.text) for doc in generate_chats(n, seed=seed)]
+    n_qa = int(round(qa_fraction * n))
+    chats = [parse_chatml(doc.text) for doc in generate_chats(n - n_qa, seed=seed)]
+    rng = random.Random(f"jojo.sft/questions/{seed}")
+    drills = []
+    for _ in range(n_qa):
+        s = sample(question_program, rng)
+        drills.append([{"role": "user", "content": s.text}, {"role": "assistant", "content": s.result[1]}])
+    mixed = chats + drills
+    random.Random(f"jojo.sft/mix/{seed}").shuffle(mixed)
+    return mixed
 
 
 def load_sft_data(
@@ -222,7 +234,7 @@ def load_sft_data(
     on_bad: str = "skip",
     val_fraction: float = 0.05,
     seed: int = 0,
-    embedded_n: int = 4000,
+    embedded_n: int = 8000,
 ) -> SFTData:
     """Read, validate, encode and split conversations. `source`: 'embedded' or a file/folder/glob."""
     if fmt not in DATA_FORMATS:
@@ -416,7 +428,7 @@ def run_sft(
     data_format: str = "auto",
     on_bad: str = "skip",
     val_fraction: float = 0.05,
-    embedded_n: int = 4000,
+    embedded_n: int = 8000,
     quiet: bool = False,
     say=print,
 ) -> SFTResult:
