@@ -262,3 +262,23 @@ def test_hub_offline_env(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(JojoError, match="--source PATH"):
         list(open_source(hf="roneneldan/TinyStories").blocks())
+
+
+def test_dolma_falls_back_to_c4_when_missing(monkeypatch, capsys):
+    from jojo.data import recipes
+    from jojo.data.sources import Block, DatasetMissing, HubSource
+
+    def fake_check(self):
+        if self.name == "allenai/dolma":
+            raise DatasetMissing("dataset 'allenai/dolma' does not exist")
+
+    def fake_blocks(self):
+        self.check()
+        yield Block("docs", [(f"a page from {self.name}", None)])
+
+    monkeypatch.setattr(HubSource, "check", fake_check)
+    monkeypatch.setattr(HubSource, "blocks", fake_blocks)
+    src = recipes.recipe_source("dolma")
+    assert texts(src) == ["a page from allenai/c4"]
+    assert "using 'c4' instead" in capsys.readouterr().out
+    assert src.fingerprint()["fallback"]["subset"] == "en"
