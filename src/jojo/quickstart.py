@@ -26,7 +26,7 @@ import torch
 from jojo.config import load_config
 from jojo.data.loader import BatchLoader
 from jojo.data.prepare import prepare_records
-from jojo.data.synthetic import generate_corpus, heldout_questions
+from jojo.data.synthetic import generate_corpus, heldout_questions, write_documents
 from jojo.errors import JojoError
 from jojo.infer.engine import SamplingConfig, generate
 from jojo.sft import run_sft
@@ -102,9 +102,7 @@ def run_quickstart(
     n_docs = max(int(CORPUS_DOCS * scale), MIN_DOCS)
     _say(f"[1/7] generating the embedded corpus: {n_docs:,} stories and chats (seed {seed})")
     docs = generate_corpus(n_docs, seed=seed, chat_fraction=CHAT_FRACTION)
-    with open(out_dir / "corpus.jsonl", "w", encoding="utf-8") as fh:
-        for d in docs:
-            fh.write(json.dumps({"text": d.text, "bits": d.bits, "kind": d.kind}) + "\n")
+    write_documents(out_dir / "corpus.jsonl", docs)
 
     _say(f"[2/7] training a byte-level BPE tokenizer ({VOCAB_SIZE} tokens)")
     tok = train_tokenizer((d.text for d in docs), VOCAB_SIZE)

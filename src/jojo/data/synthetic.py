@@ -42,7 +42,7 @@ import json
 import math
 import random
 from bisect import bisect_right
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -79,6 +79,7 @@ __all__ = [
     "score_text",
     "story_program",
     "write_corpus",
+    "write_documents",
 ]
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -1007,8 +1008,8 @@ def entropy_floor_bpb(docs: list[Document]) -> float:
     return math.fsum(d.bits for d in docs) / n_bytes
 
 
-def write_corpus(path: str | Path, n_docs: int, seed: int = 0, chat_fraction: float = 0.3) -> dict:
-    """Write `generate_corpus` documents as JSONL, one ``{"text", "bits", "kind"}`` per line.
+def write_documents(path: str | Path, docs: Iterable[Document]) -> dict:
+    """Write documents as JSONL, one ``{"text", "bits", "kind"}`` per line.
 
     Returns ``{"docs", "bytes", "bits", "entropy_floor_bpb"}``.
     """
@@ -1017,7 +1018,7 @@ def write_corpus(path: str | Path, n_docs: int, seed: int = 0, chat_fraction: fl
     n = n_bytes = 0
     bits: list[float] = []
     with path.open("w", encoding="utf-8") as f:
-        for doc in _iter_docs(n_docs, seed, chat_fraction):
+        for doc in docs:
             f.write(json.dumps({"text": doc.text, "bits": doc.bits, "kind": doc.kind}, ensure_ascii=False))
             f.write("\n")
             n += 1
@@ -1030,3 +1031,8 @@ def write_corpus(path: str | Path, n_docs: int, seed: int = 0, chat_fraction: fl
         "bits": total,
         "entropy_floor_bpb": total / n_bytes if n_bytes else float("nan"),
     }
+
+
+def write_corpus(path: str | Path, n_docs: int, seed: int = 0, chat_fraction: float = 0.3) -> dict:
+    """Write `generate_corpus` documents as JSONL (see `write_documents`), without holding them in memory."""
+    return write_documents(path, _iter_docs(n_docs, seed, chat_fraction))
