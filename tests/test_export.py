@@ -573,11 +573,35 @@ def test_gguf_refuses_tokenizers_llama_cpp_would_split_differently(runs, tmp_pat
 
 # ---- the decode kernel the benchmark relies on ------------------------------------------------------------------
 def test_single_row_linear_matches_f_linear():
+    from jojo import model as jm
+
     torch.manual_seed(0)
-    layer = Linear(96, 200)
-    x = torch.randn(1, 1, 96)
-    with torch.no_grad():
-        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    for bias in (True, False):
+        layer = Linear(96, 200, bias=bias)
+        x = torch.randn(1, 1, 96)
+        for threads in (1, 2, 3):
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                with torch.no_grad():
+                    y = layer(x)
+            finally:
+                torch.set_num_threads(before)
+            assert y.shape == (1, 1, 200)
+            assert torch.allclose(y, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        if jm._FBGEMM:  # the embedding-bag kernel really ran (x86 builds), with its transposed copy of the weight
+            assert layer._rows is not None and torch.equal(layer._rows[2], layer.weight.t())
+        # the weight changes in place (an optimizer step, load_state_dict): the transposed copy follows
+        with torch.no_grad():
+            layer.weight.mul_(-2.0)
+            assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+            layer.weight = torch.nn.Parameter(torch.randn(200, 96))  # replaced outright
+            assert torch.allclose(layer(x[0]), F.linear(x[0], layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+            layer.weight.data = torch.randn(200, 96)  # storage swapped under the same Parameter
+            assert torch.allclose(layer(x[0]), F.linear(x[0], layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # a layer built under inference_mode: its weight has no version counter
+        inf_layer = Linear(96, 200)
+        assert torch.allclose(inf_layer(x), F.linear(x, inf_layer.weight, inf_layer.bias), rtol=1e-5, atol=1e-5)
     y = layer(x)  # with grad: the plain path, differentiable
     y.sum().backward()
     assert layer.weight.grad is not None

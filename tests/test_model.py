@@ -125,3 +125,24 @@ def test_context_overflow_is_an_error():
         model(torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(JojoError, match="context"):
         generate(model, list(range(64)), SamplingConfig(max_tokens=5), 512)
+
+
+def test_rms_norm_matches_its_formula_in_float32_and_bf16():
+    from jojo.model import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(64, 1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 64) * 7
+
+    def formula(x, weight):  # Hugging Face's LlamaRMSNorm: normalise in float32, scale in the input dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
+        return weight * h.to(x.dtype)
+
+    assert torch.equal(norm(x), formula(x, norm.weight))  # the fused F.rms_norm path, bitwise
+    xb, nb = x.bfloat16(), RMSNorm(64, 1e-5).bfloat16()
+    with torch.no_grad():
+        nb.weight.copy_(norm.weight)
+    assert nb(xb).dtype == torch.bfloat16 and torch.equal(nb(xb), formula(xb, nb.weight))
