@@ -183,6 +183,46 @@ def test_sft_runs_through_fit_from_the_checkpoint(tmp_path, base_ckpt):
     assert any(r["event"] == "eval" for r in rows)
 
 
+def test_sft_resume_is_bit_identical_to_uninterrupted(tmp_path, base_ckpt):
+    import os
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from jojo.train.checkpoint import resolve_checkpoint
+
+    quiet = dict(embedded_n=120, quiet=True, say=lambda s: None)
+    full = tmp_path / "full"
+    run_sft(sft_cfg(full, logging={"keep_last": 10}), str(base_ckpt), **quiet)
+    steps = sorted(p.name for p in full.glob("step-*"))
+    assert steps[-1] == "step-000006" and "step-000003" in steps
+    cut = tmp_path / "cut"  # a run "interrupted" at step 3: only that checkpoint is there
+    cut.mkdir()
+    shutil.copytree(full / "step-000003", cut / "step-000003")
+    os.symlink("step-000003", cut / "latest")
+    with pytest.raises(JojoError, match="--resume"):  # without the flag the directory is protected
+        run_sft(sft_cfg(cut), str(base_ckpt), **quiet)
+    result = run_sft(sft_cfg(cut), None, resume=True, **quiet)
+    assert result.fit.step == 6
+    a = load_file(str(full / "step-000006" / "model.safetensors"))
+    b = load_file(str(resolve_checkpoint(cut) / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _, _, state = load_checkpoint(cut)
+    assert state["sft"]["init_from"] == str(base_ckpt)  # still names the pretrained model it started from
+
+
+def test_sft_resume_errors(tmp_path, base_ckpt):
+    quiet = dict(embedded_n=120, quiet=True, say=lambda s: None)
+    with pytest.raises(JojoError, match="nothing to resume"):
+        run_sft(sft_cfg(tmp_path / "none"), None, resume=True, **quiet)
+    with pytest.raises(JojoError, match="not an SFT checkpoint"):
+        run_sft(sft_cfg(base_ckpt), None, resume=True, **quiet)
+    lora = tmp_path / "lora"
+    run_sft(sft_cfg(lora, lora={"rank": 4}), str(base_ckpt), **quiet)
+    with pytest.raises(JojoError, match="LoRA"):
+        run_sft(sft_cfg(lora, lora={"rank": 4}), None, resume=True, **quiet)
+
+
 def test_lora_trains_only_adapters_and_merges_exactly(tokenizer):
     torch.manual_seed(0)
     model = GPT(tiny_model_config("llama", block_size=64))

@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--on-bad", default="skip", choices=["skip", "error"], help="bad conversations: skip (counted)")
     sf.add_argument("--val-fraction", type=float, default=0.05, help="conversations held out for validation")
     sf.add_argument("--embedded-chats", type=int, default=8000, help="--data embedded: how many conversations")
+    sf.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its latest checkpoint (same data/options)"
+    )
     sf.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
 
     ch = sub.add_parser(

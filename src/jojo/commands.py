@@ -172,6 +172,7 @@ def cmd_sft(args, rest: list[str]) -> None:
         on_bad=args.on_bad,
         val_fraction=args.val_fraction,
         embedded_n=args.embedded_chats,
+        resume=args.resume,
     )
     fit = result.fit
     state = "interrupted and saved" if fit.interrupted else "done"

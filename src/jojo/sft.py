@@ -431,24 +431,42 @@ def run_sft(
     embedded_n: int = 8000,
     quiet: bool = False,
     say=print,
+    resume: bool = False,
 ) -> SFTResult:
     """Fine-tune the checkpoint `init_from` on cfg.data.dataset ('embedded' or conversation files) with `fit`.
 
     The model config (block size included) and the tokenizer are the checkpoint's. With cfg.lora.rank > 0 only
-    low-rank adapters train, and checkpoints hold the merged weights (plain GPT weights)."""
+    low-rank adapters train, and checkpoints hold the merged weights (plain GPT weights).
+
+    resume: continue the run in cfg.logging.out_dir from its latest checkpoint (weights, optimizer, data
+    position, random state), given the same data and options; `init_from` is then not needed."""
     from jojo.lora import apply_lora, lora_summary, merged_state_dict
     from jojo.train import checkpoint as ckpt_io
     from jojo.train.loop import fit
     from jojo.train.system import setup_runtime, teardown_runtime
 
-    if not init_from:
-        raise JojoError("SFT starts from a pretrained model: pass --init-from CKPT (a checkpoint or run directory)")
     run_dir = Path(cfg.logging.out_dir)
-    if (run_dir / "latest").exists():
-        raise JojoError(f"{run_dir} already holds a run; choose another --out")
+    resume_from = None
+    if resume:
+        if not (run_dir / "latest").exists():
+            raise JojoError(f"nothing to resume in {run_dir}: no 'latest' checkpoint; drop --resume to start fresh")
+        if cfg.lora.rank:
+            raise JojoError(
+                "--resume does not work with LoRA: its checkpoints hold the merged weights, not the adapters; "
+                f"start a new run from them instead (jojo sft {run_dir} --lora-rank {cfg.lora.rank} --out NEW_DIR)"
+            )
+        resume_from = ckpt_io.resolve_checkpoint(run_dir)
+    elif not init_from:
+        raise JojoError("SFT starts from a pretrained model: pass --init-from CKPT (a checkpoint or run directory)")
+    elif (run_dir / "latest").exists():
+        raise JojoError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
     rt = setup_runtime(cfg.system)
     try:
-        model, tok, _ = ckpt_io.load_checkpoint(init_from, rt.device)
+        model, tok, state = ckpt_io.load_checkpoint(resume_from or init_from, rt.device)
+        if resume_from is not None:
+            if "sft" not in state:
+                raise JojoError(f"{resume_from} is not an SFT checkpoint; resume it with `jojo train --resume`")
+            init_from = state["sft"]["init_from"]
         cfg = dataclasses.replace(cfg, model=model.config)
         block = model.config.block_size
         data = load_sft_data(
@@ -489,7 +507,7 @@ def run_sft(
                          "skipped": dict(data.bad), "trained_fraction": stats["trained_fraction"],
                          "lora": lora_info}}  # fmt: skip
         result = fit(cfg, model, tok, train_src, val_src, rt, extra_state=extra, quiet=quiet,
-                     state_dict_fn=state_dict_fn)  # fmt: skip
+                     state_dict_fn=state_dict_fn, resume_from=resume_from)  # fmt: skip
         return SFTResult(result, data, stats, lora_info)
     finally:
         teardown_runtime(rt)
