@@ -14,8 +14,15 @@ from jojo.train.checkpoint import write_checkpoint
 
 
 def jojo(*args, cwd=None, stdin=None):
-    return subprocess.run([sys.executable, "-m", "jojo.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, input=stdin, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return subprocess.run(
+        [sys.executable, "-m", "jojo.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        input=stdin,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
 
 
 def assert_one_line_error(proc, *needles):
@@ -78,8 +85,9 @@ def test_prompt_longer_than_context(ckpt):
 
 def test_generate_streams_and_writes_output(ckpt, tmp_path):
     out = tmp_path / "samples.txt"
-    proc = jojo("generate", ckpt, "--prompt", "Once", "--max-tokens", "8", "--seed", "1", "--num-samples", "2",
-                "--output", out)
+    proc = jojo(
+        "generate", ckpt, "--prompt", "Once", "--max-tokens", "8", "--seed", "1", "--num-samples", "2", "--output", out
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("--- sample") == 2
     assert out.read_text().count("Once") >= 2

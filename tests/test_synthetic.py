@@ -80,9 +80,7 @@ def test_identical_across_processes():
     outs = set()
     for hash_seed in ("1", "2"):
         env = {**os.environ, "PYTHONPATH": SRC, "PYTHONHASHSEED": hash_seed}
-        res = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-        )
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         outs.add(res.stdout.strip())
     assert outs == {_digest(200, 11)}
 

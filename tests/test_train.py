@@ -113,8 +113,9 @@ def test_kill_during_checkpoint_write_keeps_latest_loadable(prepared, tmp_path):
     kills = 0
     for attempt in range(4):
         resume = (run / "latest").exists()
-        proc = subprocess.Popen([sys.executable, "-c", code.replace("{}", str(resume))],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code.replace("{}", str(resume))], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         deadline = time.time() + 60
         while not (run / "latest").exists() and time.time() < deadline:
             time.sleep(0.05)

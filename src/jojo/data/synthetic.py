@@ -351,7 +351,7 @@ _ADJS = Dist(("little", "kind", "brave", "happy", "shy", "clever", "funny", "cur
 _HOMES = Dist(
     ("by the sea", "in a small town", "on a farm", "near a big forest", "in a little house on a hill",
      "in a busy city")
-)
+)  # fmt: skip
 _TOYS = Dist(("ball", "kite", "hat", "book", "drum", "boat", "teddy bear", "bike", "toy car", "doll"))
 _TIMES = Dist(("day", "morning", "sunny day", "warm afternoon"))
 _PLACES = Dist(("park", "beach", "forest", "lake", "garden", "zoo", "market", "river"))
@@ -363,11 +363,11 @@ _BAD = Dist(("sad", "scared", "worried", "upset"))
 _ACTIVITIES = Dist(
     ("ate some cake", "played a game", "sang a song", "sat in the sun", "had a picnic", "ran and jumped",
      "looked at the sky")
-)
+)  # fmt: skip
 _FOODS = Dist(("cookie", "banana", "sandwich", "pear", "muffin"))
 _FOUND_SPOTS = Dist(
     ("under a tree", "behind a big rock", "in the tall grass", "near the water", "under a bench")
-)
+)  # fmt: skip
 _STUCK_SPOTS = Dist(("in the mud", "in a hole", "in a bush", "up a tree"))
 
 _MIN_SCENES = 1
@@ -617,14 +617,14 @@ def _cap(s: str) -> str:
 
 _COLOUR_FORMS = Dist(
     (("What colour is ", "?"), ("What is the colour of ", "?"), ("Tell me the colour of ", "."))
-)
+)  # fmt: skip
 _COLOUR_THINGS = Dist(
     (
         ("a banana", "yellow"), ("an apple", "red"), ("grass", "green"), ("the sky", "blue"),
         ("snow", "white"), ("a carrot", "orange"), ("a lemon", "yellow"), ("a frog", "green"),
         ("milk", "white"), ("a tomato", "red"), ("the sun", "yellow"), ("a leaf", "green"),
     )
-)
+)  # fmt: skip
 
 
 def _ask_colour(g) -> str:
@@ -637,13 +637,13 @@ def _ask_colour(g) -> str:
 
 _SOUND_FORMS = Dist(
     (("What sound does ", " make?"), ("What does ", " say?"), ("What noise does ", " make?"))
-)
+)  # fmt: skip
 _SOUNDS = Dist(
     (
         ("a cow", "moo"), ("a dog", "woof"), ("a cat", "meow"), ("a duck", "quack"), ("a sheep", "baa"),
         ("a pig", "oink"), ("a horse", "neigh"), ("an owl", "hoot"), ("a frog", "ribbit"), ("a mouse", "squeak"),
     )
-)
+)  # fmt: skip
 
 
 def _ask_sound(g) -> str:
@@ -657,10 +657,10 @@ def _ask_sound(g) -> str:
 _OPPOSITE_PAIRS = (
     ("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("happy", "sad"), ("day", "night"),
     ("open", "closed"), ("wet", "dry"), ("full", "empty"), ("loud", "quiet"), ("in", "out"), ("young", "old"),
-)
+)  # fmt: skip
 _OPPOSITE_FORMS = Dist(
     (("What is the opposite of ", "?"), ("What's the opposite of ", "?"), ("Tell me the opposite of ", "."))
-)
+)  # fmt: skip
 _OPPOSITES = Dist([(a, b) for a, b in _OPPOSITE_PAIRS] + [(b, a) for a, b in _OPPOSITE_PAIRS])
 
 
@@ -675,14 +675,14 @@ def _ask_opposite(g) -> str:
 _PLURAL_FORMS = Dist(
     (("What is the plural of ", "?"), ("What is the plural of the word ", "?"),
      ("How do you say more than one ", "?"))
-)
+)  # fmt: skip
 _PLURALS = Dist(
     (
         ("cat", "cats"), ("dog", "dogs"), ("box", "boxes"), ("fox", "foxes"), ("baby", "babies"),
         ("mouse", "mice"), ("child", "children"), ("foot", "feet"), ("man", "men"), ("sheep", "sheep"),
         ("fish", "fish"), ("leaf", "leaves"),
     )
-)
+)  # fmt: skip
 
 
 def _ask_plural(g) -> str:
@@ -764,7 +764,7 @@ _HAS_SYSTEM = Dist((True, False), (0.25, 0.75))
 _SYSTEM_PROMPTS = Dist(
     ("You are a helpful assistant.", "You are Jojo, a friendly assistant.",
      "You are a kind assistant for children.")
-)
+)  # fmt: skip
 _MAX_EXCHANGES = 6
 _MORE_EXCHANGES = Dist((True, False), (0.5, 0.5))
 
