@@ -599,6 +599,10 @@ def test_single_row_linear_matches_f_linear():
             assert torch.allclose(layer(x[0]), F.linear(x[0], layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
             layer.weight.data = torch.randn(200, 96)  # storage swapped under the same Parameter
             assert torch.allclose(layer(x[0]), F.linear(x[0], layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    if jm._FBGEMM:
+        layer.double()  # moving or casting the layer frees the copy (it would only hold memory)
+        assert layer._rows is None
+        layer.float()
     with torch.inference_mode():  # a layer built under inference_mode: its weight has no version counter
         inf_layer = Linear(96, 200)
         assert torch.allclose(inf_layer(x), F.linear(x, inf_layer.weight, inf_layer.bias), rtol=1e-5, atol=1e-5)

@@ -92,6 +92,10 @@ class Linear(nn.Linear):
             return self._one_row(x)
         return F.linear(x, self.weight, self.bias)
 
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), ...: the copy would be stale; free it now
+        self._rows = None
+        return super()._apply(fn, recurse)
+
     def _one_row(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         version = -1 if w.is_inference() else w._version  # tensors made under inference_mode keep no counter
