@@ -590,7 +590,7 @@ def test_single_row_linear_matches_f_linear():
             assert y.shape == (1, 1, 200)
             assert torch.allclose(y, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
         if jm._FBGEMM:  # the embedding-bag kernel really ran (x86 builds), with its transposed copy of the weight
-            assert layer._rows is not None and torch.equal(layer._rows[2], layer.weight.t())
+            assert layer._rows is not None and torch.equal(layer._rows.rows, layer.weight.t())
         # the weight changes in place (an optimizer step, load_state_dict): the transposed copy follows
         with torch.no_grad():
             layer.weight.mul_(-2.0)
@@ -609,3 +609,37 @@ def test_single_row_linear_matches_f_linear():
     y = layer(x)  # with grad: the plain path, differentiable
     y.sum().backward()
     assert layer.weight.grad is not None
+
+
+def test_swiglu_decodes_gate_and_up_in_one_product_unless_lora_wraps_them():
+    from jojo import model as jm
+    from jojo.lora import apply_lora
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(family="llama", vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    mlp = jm.SwiGLU(cfg)
+    x = torch.randn(1, 1, 32)
+
+    def reference(m):  # the formula with F.linear, no fast path
+        return F.linear(F.silu(F.linear(x, m.gate.weight)) * F.linear(x, m.up.weight), m.proj.weight)
+
+    with torch.no_grad():
+        assert torch.allclose(mlp(x), reference(mlp), rtol=1e-5, atol=1e-6)
+        if jm._FBGEMM:  # one copy holds gate and up side by side; the layers themselves made none
+            assert torch.equal(mlp._rows.rows, torch.cat([mlp.gate.weight.t(), mlp.up.weight.t()], dim=1))
+            assert mlp.gate._rows is None and mlp.up._rows is None
+        mlp.up.weight.mul_(3.0)  # an in-place update of one of the two: the shared copy follows
+        assert torch.allclose(mlp(x), reference(mlp), rtol=1e-5, atol=1e-6)
+    mlp.double()  # casting frees the shared copy
+    assert mlp._rows is None
+    mlp.float()
+
+    # LoRA on up: the fused copy would skip the adapter's update, so the layers run one by one
+    model = torch.nn.Module()
+    model.mlp = mlp
+    apply_lora(model, rank=2, targets="up")
+    with torch.no_grad():
+        mlp.up.lora_B.normal_()
+        lora_up = F.linear(x, mlp.up.weight) + mlp.up.scaling * F.linear(F.linear(x, mlp.up.lora_A), mlp.up.lora_B)
+        expected = F.linear(F.silu(F.linear(x, mlp.gate.weight)) * lora_up, mlp.proj.weight)
+        assert torch.allclose(mlp(x), expected, rtol=1e-5, atol=1e-6)

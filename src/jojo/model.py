@@ -59,7 +59,67 @@ def _bag_layout(n_rows: int, parts: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _BAG_LAYOUTS[key]
 
 
-class Linear(nn.Linear):
+def _one_row_inference(x: torch.Tensor) -> bool:
+    """Is x a single float32 CPU row outside autograd and compilation, where `RowsCopy.matvec` applies?"""
+    return (
+        _FBGEMM
+        and x.numel() == x.shape[-1]
+        and x.dtype is torch.float32
+        and x.is_cpu
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()  # a compiled graph takes F.linear, which inductor knows
+    )
+
+
+def _weight_key(w: torch.Tensor) -> tuple[int, int]:
+    """(data pointer, version counter): changes when the weight is replaced, swapped or updated in place."""
+    try:
+        return w.data_ptr(), w._version
+    except RuntimeError:  # tensors made under inference_mode keep no version counter
+        return w.data_ptr(), -1
+
+
+class RowsCopy:
+    """The weights of one or more linear layers that read the same input, transposed and laid side by side,
+    [in, sum of outs], for the one-row product of `Linear` (see there). `matvec(x)` is x @ W^T for the layers
+    at once (SwiGLU's gate and up share one copy, so one decode step makes one call for both)."""
+
+    def __init__(self, weights: tuple[torch.Tensor, ...]):
+        # Holding the weights as they were keeps their memory from being reused, so "same data pointer, same
+        # version" really means "same values".
+        self.held = tuple(w.detach() for w in weights)
+        self.key = tuple(_weight_key(w) for w in weights)
+        self.usable = all(w.dtype == torch.float32 and w.is_cpu for w in weights)
+        self.rows = torch.cat([w.t() for w in self.held], dim=1).contiguous() if self.usable else None
+
+    @staticmethod
+    def of(owner: nn.Module, weights: tuple[torch.Tensor, ...]) -> RowsCopy:
+        """owner's copy of `weights`, (re)made when absent or stale."""
+        copy = owner._rows
+        if copy is None or copy.key != tuple(_weight_key(w) for w in weights):
+            copy = owner._rows = RowsCopy(weights)
+        return copy
+
+    def matvec(self, x: torch.Tensor) -> torch.Tensor:
+        """x: one row (any shape with numel == in) -> [sum of outs]."""
+        parts = min(torch.get_num_threads(), self.rows.shape[0])
+        indices, offsets = _bag_layout(self.rows.shape[0], parts)
+        # torch.embedding_bag is the op F.embedding_bag calls after its argument checks (which cost 3x the op
+        # itself at this size): weight, indices, offsets, scale_grad_by_freq, mode 0 = sum, sparse,
+        # per_sample_weights, include_last_offset, padding_idx. It returns (sums, and three bookkeeping tensors).
+        y = torch.embedding_bag(self.rows, indices, offsets, False, 0, False, x.reshape(-1), False, None)[0]
+        return y.sum(0) if parts > 1 else y[0]
+
+
+class _HoldsRowsCopy(nn.Module):
+    _rows: RowsCopy | None = None
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), ...: the copy would be stale; free it now
+        self._rows = None
+        return super()._apply(fn, recurse)
+
+
+class Linear(_HoldsRowsCopy, nn.Linear):
     """nn.Linear (same parameters, same state-dict names) with a faster kernel for one row at inference.
 
     Why: decoding one token multiplies a single row by every weight matrix, a pure memory-bound GEMV. On CPU in
@@ -71,46 +131,19 @@ class Linear(nn.Linear):
     matrix-vector products (a 12M-parameter gpt2) take 0.9 ms this way, 3.1 ms with F.linear and 1.4 ms with
     oneDNN's linear kernel. Results agree with F.linear to float32 rounding.
 
-    The cost: a transposed copy of the weight, made on the first one-row call and rebuilt if the weight
-    changes, so a model decoding on CPU holds its matrices twice. Training, batches (prefill), other dtypes
-    and devices, and builds without FBGEMM (ARM) take F.linear unchanged."""
-
-    # (the weight as it was when copied, its version counter then, the copy W^T). Holding the old weight keeps
-    # its memory from being reused, so "same data pointer, same version" really means "same values".
-    _rows: tuple[torch.Tensor, int, torch.Tensor] | None = None
+    The cost: a transposed copy of the weight (a `RowsCopy`), made on the first one-row call and rebuilt if
+    the weight changes, so a model decoding on CPU holds its matrices twice. Training, batches (prefill), other
+    dtypes and devices, and builds without FBGEMM (ARM) take F.linear unchanged."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            not torch.is_grad_enabled()
-            and _FBGEMM
-            and x.shape[-1] == x.numel()
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and self.weight.dtype == torch.float32
-            and not torch.compiler.is_compiling()  # a compiled graph takes F.linear, which inductor knows
-        ):
-            return self._one_row(x)
+        if _one_row_inference(x):
+            copy = RowsCopy.of(self, (self.weight,))
+            if copy.usable:
+                y = copy.matvec(x)
+                if self.bias is not None:
+                    y = y.add_(self.bias)
+                return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
-
-    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), ...: the copy would be stale; free it now
-        self._rows = None
-        return super()._apply(fn, recurse)
-
-    def _one_row(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        version = -1 if w.is_inference() else w._version  # tensors made under inference_mode keep no counter
-        if self._rows is None or self._rows[0].data_ptr() != w.data_ptr() or self._rows[1] != version:
-            self._rows = (w.detach(), version, w.detach().t().contiguous())
-        rows = self._rows[2]
-        parts = max(1, min(torch.get_num_threads(), rows.shape[0]))
-        indices, offsets = _bag_layout(rows.shape[0], parts)
-        # torch.embedding_bag is the op F.embedding_bag calls after its argument checks (which cost 3x the op
-        # itself at this size): weight, indices, offsets, scale_grad_by_freq, mode 0 = sum, sparse,
-        # per_sample_weights, include_last_offset, padding_idx. It returns (sums, and three bookkeeping tensors).
-        y = torch.embedding_bag(rows, indices, offsets, False, 0, False, x.reshape(-1), False, None)[0].sum(0)
-        if self.bias is not None:
-            y = y.add_(self.bias)
-        return y.view(*x.shape[:-1], self.out_features)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -129,7 +162,7 @@ class GeluMLP(nn.Module):
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
 
 
-class SwiGLU(nn.Module):
+class SwiGLU(_HoldsRowsCopy):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate = Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
@@ -137,6 +170,13 @@ class SwiGLU(nn.Module):
         self.proj = Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # One decoded row: gate and up read the same x, so one product over both copies side by side (plain
+        # layers only: a LoRA-wrapped one adds its own update).
+        if _one_row_inference(x) and type(self.gate) is Linear and type(self.up) is Linear and self.gate.bias is None:
+            copy = RowsCopy.of(self, (self.gate.weight, self.up.weight))
+            if copy.usable:
+                gate, up = copy.matvec(x).view(*x.shape[:-1], 2, -1).unbind(-2)
+                return self.proj(F.silu(gate) * up)
         return self.proj(F.silu(self.gate(x)) * self.up(x))
 
 
