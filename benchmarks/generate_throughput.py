@@ -8,8 +8,11 @@ on the same device and dtype. Three contenders decode `--new-tokens` greedy toke
 - transformers: `model.generate(do_sample=False)` with its default dynamic KV cache;
 - no-cache:    `generate_stream(use_cache=False)`, nanoGPT's loop, re-running the whole sequence per token (the floor).
 
-Each timing is one whole generation (prefill included) divided by the tokens it produced; we report the median
-of `--repeats` runs after one warm-up run, and check that jojo and transformers produced the same tokens.
+Each timing is one whole generation (prefill included) divided by the tokens it produced. The contenders take
+turns in each of `--repeats` rounds (after a warm-up round); we report each one's median tokens/s and, as the
+ratio, the median over rounds of Jojo's rate divided by the contender's in the same round (a paired comparison: a
+shared machine's speed drifts between rounds more than within one), with the range of those per-round ratios.
+We also check that jojo and transformers produced the same tokens.
 
     python benchmarks/generate_throughput.py                # gpt2 6x384, ctx 512, vocab 4096, fp32, CPU
     python benchmarks/generate_throughput.py --family llama --dtype bf16
@@ -46,8 +49,8 @@ def corpus(n_docs: int = 4000, seed: int = 0):
         yield " ".join(rng.choices(words, weights, k=60)) + "."
 
 
-def timed(contenders: dict, repeats: int) -> tuple[dict[str, float], dict[str, list[int]]]:
-    """Median tokens/s of each contender (fn() -> generated ids) over `repeats` rounds after one warm-up round.
+def timed(contenders: dict, repeats: int) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Tokens/s of each contender (fn() -> generated ids) in each of `repeats` rounds after one warm-up round.
 
     The contenders take turns within each round, so a slow spell of a shared machine hits them alike."""
     rates: dict[str, list[float]] = {name: [] for name in contenders}
@@ -58,7 +61,7 @@ def timed(contenders: dict, repeats: int) -> tuple[dict[str, float], dict[str, l
             ids[name] = fn()
             if r:  # round 0 is the warm-up
                 rates[name].append(len(ids[name]) / (time.perf_counter() - t0))
-    return {name: statistics.median(v) for name, v in rates.items()}, ids
+    return rates, ids
 
 
 def main() -> None:
@@ -70,7 +73,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--new-tokens", type=int, default=200)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -123,10 +126,17 @@ def main() -> None:
     contenders = {"jojo (KV cache)": run_jojo, "transformers generate": run_hf}
     if not args.skip_floor:
         contenders["no-cache (nanoGPT-style)"] = lambda: run_jojo(use_cache=False)
-    tps, ids = timed(contenders, args.repeats)
-    jojo_tps = tps["jojo (KV cache)"]
-    for name, rate in tps.items():
-        print(f"{name:<26} {rate:8.1f} tokens/s   jojo / this = {jojo_tps / rate:5.2f}x")
+    rates, ids = timed(contenders, args.repeats)
+    jojo = rates["jojo (KV cache)"]
+    print(f"{'':<26} {'tokens/s':>8}   {'jojo / this':>11}   {'per round':>9}")
+    for name, rate in rates.items():
+        # The ratio pairs the runs of one round (taken seconds apart, so under the same machine load) and takes
+        # the median of those per-round ratios; the middle column is each contender's own median.
+        per_round = sorted(j / r for j, r in zip(jojo, rate))
+        print(
+            f"{name:<26} {statistics.median(rate):8.1f}   {statistics.median(per_round):10.2f}x"
+            f"   {per_round[0]:.2f}-{per_round[-1]:.2f}x"
+        )
     same = ids["jojo (KV cache)"] == ids["transformers generate"]
     print(f"jojo and transformers generated the same {len(ids['jojo (KV cache)'])} tokens: {same}")
 
