@@ -43,6 +43,23 @@ def tiny_model_config(family: str, vocab_size: int = 512, **kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def config_tree(prepared: Path, out: Path, *layers: dict, **sections: dict) -> dict:
+    """A small training config tree over `prepared` shards, writing to `out`: the base below, then each of
+    `layers` and finally `sections` (section name -> keys) merged over it, key by key."""
+    tree = {
+        "model": {"family": "gpt2", "block_size": 64, "n_layer": 2, "n_head": 4, "n_embd": 64},
+        "data": {"dataset": str(prepared), "batch_size": 8},
+        "optimizer": {"lr": 3e-3},
+        "schedule": {"max_steps": 30, "warmup_steps": 5},
+        "system": {"device": "cpu", "seed": 5},
+        "logging": {"out_dir": str(out), "eval_interval": 10, "eval_iters": 4, "log_interval": 5, "progress": False},
+    }
+    for layer in (*layers, sections):
+        for section, values in layer.items():
+            tree.setdefault(section, {}).update(values)
+    return tree
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import config_tree
 from jojo.config import load_config
 from jojo.errors import JojoError
 from jojo.quickstart import unigram_entropy_nats
@@ -20,17 +21,7 @@ from jojo.train.run import run_training
 
 
 def tiny_cfg(prepared, out, family="gpt2", **sections):
-    tree = {
-        "model": {"family": family, "block_size": 64, "n_layer": 2, "n_head": 4, "n_embd": 64},
-        "data": {"dataset": str(prepared), "batch_size": 8},
-        "optimizer": {"lr": 3e-3},
-        "schedule": {"max_steps": 30, "warmup_steps": 5},
-        "system": {"device": "cpu", "seed": 5},
-        "logging": {"out_dir": str(out), "eval_interval": 10, "eval_iters": 4, "log_interval": 5, "progress": False},
-    }
-    for section, values in sections.items():
-        tree.setdefault(section, {}).update(values)
-    return load_config(None, tree)
+    return load_config(None, config_tree(prepared, out, {"model": {"family": family}}, **sections))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

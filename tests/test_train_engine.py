@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_model_config
+from conftest import config_tree, tiny_model_config
 from jojo.cli import main as cli_main
 from jojo.config import ScheduleConfig, load_config
 from jojo.data.loader import BatchLoader
@@ -29,18 +29,18 @@ from jojo.train.system import fit_micro_batch, pick_dtype, plan_batch
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
 
 
+# smaller and shorter than conftest's base: these tests run many trainings, some as two processes
+ENGINE_SIZES = {
+    "model": {"block_size": 32, "n_head": 2, "n_embd": 32},
+    "data": {"batch_size": 4},
+    "schedule": {"max_steps": 6, "warmup_steps": 2},
+    "system": {"seed": 3},
+    "logging": {"eval_interval": 3, "eval_iters": 2, "log_interval": 1},
+}
+
+
 def cfg_tree(prepared, out, **sections) -> dict:
-    tree = {
-        "model": {"family": "gpt2", "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32},
-        "data": {"dataset": str(prepared), "batch_size": 4},
-        "optimizer": {"lr": 3e-3},
-        "schedule": {"max_steps": 6, "warmup_steps": 2},
-        "system": {"device": "cpu", "seed": 3},
-        "logging": {"out_dir": str(out), "eval_interval": 3, "eval_iters": 2, "log_interval": 1, "progress": False},
-    }
-    for section, values in sections.items():
-        tree.setdefault(section, {}).update(values)
-    return tree
+    return config_tree(prepared, out, ENGINE_SIZES, **sections)
 
 
 def train_losses(run_dir: Path) -> list[float]:
