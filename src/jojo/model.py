@@ -119,6 +119,14 @@ class _HoldsRowsCopy(nn.Module):
         return super()._apply(fn, recurse)
 
 
+def free_decode_copies(model: nn.Module) -> None:
+    """Drop every `RowsCopy` the model's layers hold (a training run that samples between steps: its weights
+    change before the next sample anyway, so the copies would only hold memory)."""
+    for module in model.modules():
+        if isinstance(module, _HoldsRowsCopy):
+            module._rows = None
+
+
 class Linear(_HoldsRowsCopy, nn.Linear):
     """nn.Linear (same parameters, same state-dict names) with a faster kernel for one row at inference.
 
