@@ -179,8 +179,9 @@ class SwiGLU(_HoldsRowsCopy):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One decoded row: gate and up read the same x, so one product over both copies side by side (plain
-        # layers only: a LoRA-wrapped one adds its own update).
-        if _one_row_inference(x) and type(self.gate) is Linear and type(self.up) is Linear and self.gate.bias is None:
+        # bias-free layers only: a LoRA-wrapped one adds its own update).
+        plain = all(type(m) is Linear and m.bias is None for m in (self.gate, self.up))
+        if plain and _one_row_inference(x):
             copy = RowsCopy.of(self, (self.gate.weight, self.up.weight))
             if copy.usable:
                 gate, up = copy.matvec(x).view(*x.shape[:-1], 2, -1).unbind(-2)
