@@ -180,8 +180,7 @@ class SwiGLU(_HoldsRowsCopy):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One decoded row: gate and up read the same x, so one product over both copies side by side (plain
         # bias-free layers only: a LoRA-wrapped one adds its own update).
-        plain = all(type(m) is Linear and m.bias is None for m in (self.gate, self.up))
-        if plain and _one_row_inference(x):
+        if _one_row_inference(x) and all(type(m) is Linear and m.bias is None for m in (self.gate, self.up)):
             copy = RowsCopy.of(self, (self.gate.weight, self.up.weight))
             if copy.usable:
                 gate, up = copy.matvec(x).view(*x.shape[:-1], 2, -1).unbind(-2)
