@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
+from jojo.checkpoint import write_checkpoint
 from jojo.config import ModelConfig
 from jojo.export.hf import export_hf
 from jojo.infer.engine import SamplingConfig, generate_stream
 from jojo.model import GPT
 from jojo.tokenizer import train_tokenizer
-from jojo.train.checkpoint import write_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -29,9 +29,10 @@ import time
 import torch
 
 from jojo.config import ModelConfig, OptimizerConfig, load_config
+from jojo.device import pick_device, pick_dtype
 from jojo.model import GPT
 from jojo.train.optim import build_optimizer
-from jojo.train.system import Runtime, peak_flops, pick_device, pick_dtype
+from jojo.train.system import Runtime, peak_flops
 
 
 def hf_model(cfg: ModelConfig, dtype_name: str):

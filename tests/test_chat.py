@@ -11,11 +11,11 @@ import torch
 import torch.nn as nn
 
 from conftest import tiny_model_config
+from jojo.checkpoint import write_checkpoint
 from jojo.infer.chat import ChatSession, run_repl
 from jojo.infer.engine import SamplingConfig
 from jojo.model import GPT
-from jojo.sft import load_sft_data
-from jojo.train.checkpoint import write_checkpoint
+from jojo.train.sft import load_sft_data
 
 
 class ScriptedModel(nn.Module):
@@ -126,7 +126,7 @@ def test_piped_stdin_prints_exactly_the_answer(ckpt, tokenizer):
         text=True,
     )
     assert proc.returncode == 0, proc.stderr
-    from jojo.train.checkpoint import load_checkpoint
+    from jojo.checkpoint import load_checkpoint
 
     model, tok, _ = load_checkpoint(ckpt)
     sess = ChatSession(model, tok, SamplingConfig(max_tokens=12, temperature=0.0))

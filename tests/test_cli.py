@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import tiny_model_config
+from jojo.checkpoint import write_checkpoint
 from jojo.model import GPT
-from jojo.train.checkpoint import write_checkpoint
 
 
 def jojo(*args, cwd=None, stdin=None):

@@ -15,13 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from jojo.checkpoint import load_checkpoint, load_optimizer_state, resolve_checkpoint, write_checkpoint
 from jojo.config import ModelConfig
 from jojo.errors import JojoError
 from jojo.export.hf import export_hf, hf_config, import_hf, to_hf_state_dict
 from jojo.infer.engine import SamplingConfig, generate
 from jojo.model import GPT, Linear
 from jojo.tokenizer import CHAT_TEMPLATE_JINJA, EOT, IM_END, IM_START, render_chat, train_tokenizer
-from jojo.train.checkpoint import load_checkpoint, load_optimizer_state, resolve_checkpoint, write_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -613,7 +613,7 @@ def test_single_row_linear_matches_f_linear():
 
 def test_swiglu_decodes_gate_and_up_in_one_product_unless_lora_wraps_them():
     from jojo import model as jm
-    from jojo.lora import apply_lora
+    from jojo.train.lora import apply_lora
 
     torch.manual_seed(0)
     cfg = ModelConfig(family="llama", vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)

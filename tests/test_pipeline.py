@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+from jojo.checkpoint import load_checkpoint
 from jojo.quickstart import run_quickstart
-from jojo.train.checkpoint import load_checkpoint
 
 
 def test_quickstart_small_scale_writes_the_report(tmp_path):

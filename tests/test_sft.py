@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from conftest import tiny_model_config
+from jojo.checkpoint import load_checkpoint, write_checkpoint
 from jojo.config import load_config
+from jojo.data.messages import messages_from_record
 from jojo.errors import JojoError
-from jojo.lora import LoRALinear, apply_lora, merge_lora, merged_state_dict
 from jojo.model import GPT, IGNORE_INDEX
-from jojo.sft import Conversation, SFTSource, encode_chat, load_sft_data, messages_from_record, run_sft
-from jojo.tokenizer import CHAT_TEMPLATE_JINJA, IM_END, render_chat
-from jojo.train.checkpoint import load_checkpoint, write_checkpoint
+from jojo.tokenizer import CHAT_TEMPLATE_JINJA, IM_END, encode_chat, render_chat
+from jojo.train.lora import LoRALinear, apply_lora, merge_lora, merged_state_dict
+from jojo.train.sft import Conversation, SFTSource, load_sft_data, run_sft
 
 CONV = [
     {"role": "system", "content": "Be brief."},
@@ -189,7 +190,7 @@ def test_sft_resume_is_bit_identical_to_uninterrupted(tmp_path, base_ckpt):
 
     from safetensors.torch import load_file
 
-    from jojo.train.checkpoint import resolve_checkpoint
+    from jojo.checkpoint import resolve_checkpoint
 
     quiet = dict(embedded_n=120, quiet=True, say=lambda s: None)
     full = tmp_path / "full"

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import config_tree
+from jojo.checkpoint import load_checkpoint, resolve_checkpoint
 from jojo.config import load_config
 from jojo.errors import JojoError
 from jojo.quickstart import unigram_entropy_nats
-from jojo.train.checkpoint import load_checkpoint, resolve_checkpoint
 from jojo.train.run import run_training
 
 

@@ -14,17 +14,18 @@ import pytest
 import torch
 
 from conftest import config_tree, tiny_model_config
+from jojo.checkpoint import load_checkpoint, resolve_checkpoint
 from jojo.cli import main as cli_main
 from jojo.config import ScheduleConfig, load_config
 from jojo.data.loader import BatchLoader
+from jojo.device import pick_dtype
 from jojo.errors import JojoError
 from jojo.model import GPT
 from jojo.train import loop as loop_mod
-from jojo.train.checkpoint import load_checkpoint, resolve_checkpoint
 from jojo.train.optim import build_optimizer, orthogonalize
 from jojo.train.run import run_training
 from jojo.train.schedule import lr_multiplier
-from jojo.train.system import fit_micro_batch, pick_dtype, plan_batch
+from jojo.train.system import fit_micro_batch, plan_batch
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
 

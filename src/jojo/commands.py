@@ -150,7 +150,7 @@ def cmd_train(args, rest: list[str]) -> None:
 
 def cmd_sft(args, rest: list[str]) -> None:
     from jojo.config import load_config
-    from jojo.sft import run_sft
+    from jojo.train.sft import run_sft
 
     init_from = args.init_from
     if rest and not rest[0].startswith("--"):  # `jojo sft CKPT ...`
@@ -191,9 +191,9 @@ def cmd_chat(args) -> None:
 def cmd_generate(args) -> None:
     import torch
 
+    from jojo.checkpoint import load_checkpoint
+    from jojo.device import pick_device
     from jojo.infer.engine import SamplingConfig, TextStreamer, generate_stream
-    from jojo.train.checkpoint import load_checkpoint
-    from jojo.train.system import pick_device
 
     sc = SamplingConfig(args.max_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     if args.num_samples < 1:

@@ -23,18 +23,19 @@ from pathlib import Path
 
 import torch
 
+from jojo.checkpoint import load_checkpoint
 from jojo.config import load_config
 from jojo.data.loader import BatchLoader
 from jojo.data.prepare import prepare_records
 from jojo.data.synthetic import generate_corpus, heldout_questions, write_documents
+from jojo.device import pick_device
 from jojo.errors import JojoError
 from jojo.infer.engine import SamplingConfig, generate
-from jojo.sft import run_sft
 from jojo.tokenizer import Tokenizer, render_chat, train_tokenizer
-from jojo.train.checkpoint import load_checkpoint
 from jojo.train.loop import LN2, evaluate
 from jojo.train.run import run_training
-from jojo.train.system import Runtime, pick_device
+from jojo.train.sft import run_sft
+from jojo.train.system import Runtime
 
 # Default budget (scale 1): sized for about five minutes in all on 2 CPU cores.
 CORPUS_DOCS = 12_000

@@ -230,6 +230,28 @@ class Tokenizer:
         return enc, ""
 
 
+def encode_chat(
+    tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = False, bos: bool = True
+) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation in the one chat template, and for each id whether it is trained on
+    (assistant content and its closing <|im_end|>). The chat REPL and the server build prompts with this too,
+    so training and inference see the same ids. `bos` puts <|endoftext|> first, as every pretraining document."""
+    ids: list[int] = [tok.eot_id] if bos else []
+    train: list[bool] = [False] * len(ids)
+    newline = tok.encode("\n")
+    for m in messages:
+        header = [tok.im_start_id, *tok.encode(f"{m['role']}\n")]
+        content = tok.encode(m["content"]) if m["content"] else []
+        is_answer = m["role"] == "assistant"
+        ids += header + content + [tok.im_end_id] + newline
+        train += [False] * len(header) + [is_answer] * (len(content) + 1) + [False] * len(newline)
+    if add_generation_prompt:
+        header = [tok.im_start_id, *tok.encode("assistant\n")]
+        ids += header
+        train += [False] * len(header)
+    return ids, train
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
     """Train a byte-level BPE on an iterator of documents."""
     from tokenizers import Tokenizer as HFTokenizer

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jojo.data.messages import first_field, messages_from_record
 from jojo.errors import JojoError
 from jojo.tokenizer import EOT, render_chat
 
@@ -47,7 +48,6 @@ EMBEDDED = "embedded"  # the name of Jojo's generated corpus as a source
 BLOCK_CHARS = 2 << 20  # a block is ~2 MB of text: big enough to amortise IPC, small enough for a smooth bar
 AUTO_PROBE_CHARS = 2 << 20  # `--split-on auto` looks for <|endoftext|> in this much of a file
 FORMATS = ("auto", "text", "jsonl", "json", "parquet", "csv")
-SPLIT_MODES = ("auto", "blank", "eot", "line", "file")
 HUB_TIMEOUT_S = 5.0
 _BLANK_LINES = re.compile(r"\n\s*\n")
 _COMPRESSION = (".gz", ".zst", ".zstd")
@@ -119,16 +119,6 @@ class TextFormat:
         return _RENDERERS[self.kind](obj, self.field if self.field != TEXT_FIELD else None, where)
 
 
-def _first(obj: dict, names: Iterable[str]):
-    lowered = {str(k).lower(): v for k, v in obj.items()}
-    for name in names:
-        if name in obj and obj[name] is not None:
-            return obj[name]
-        if name.lower() in lowered and lowered[name.lower()] is not None:
-            return lowered[name.lower()]
-    return None
-
-
 def _need(value, what: str, where: str, obj: dict):
     if value is None:
         keys = ", ".join(sorted(map(str, obj))[:12])
@@ -136,48 +126,22 @@ def _need(value, what: str, where: str, obj: dict):
     return value
 
 
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
-          "model": "assistant", "system": "system", "tool": "tool"}  # fmt: skip
+def _as_chat(fmt: str):
+    """A renderer through the one record -> messages parser (`jojo.data.messages`, which `jojo sft` uses too)."""
+
+    def render(obj: dict, field_name: str | None, where: str) -> str:
+        try:
+            messages = messages_from_record(obj, fmt, field_name)
+        except ValueError as exc:
+            raise JojoError(f"{where}: {exc}") from None
+        return render_chat(messages) if messages else ""
+
+    return render
 
 
-def _render_chatml(obj: dict, field_name: str | None, where: str) -> str:
-    names = [field_name] if field_name else ["messages", "conversations", "conversation", "dialog", "chat"]
-    turns = _need(_first(obj, names), "conversation (a list of messages)", where, obj)
-    if not isinstance(turns, list):
-        raise JojoError(f"{where}: the conversation must be a list of messages")
-    messages = []
-    for i, turn in enumerate(turns):
-        if isinstance(turn, str):  # a bare list of utterances: alternate user / assistant
-            messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": turn})
-            continue
-        if not isinstance(turn, dict):
-            raise JojoError(f"{where}: message {i} is not an object with role and content")
-        role = turn.get("role", turn.get("from"))
-        content = turn.get("content", turn.get("value"))
-        if not isinstance(role, str) or not isinstance(content, str):
-            raise JojoError(f"{where}: message {i} needs string 'role' and 'content' (or 'from' and 'value')")
-        messages.append({"role": _ROLES.get(role.lower(), role), "content": content})
-    return render_chat(messages) if messages else ""
-
-
-def _render_alpaca(obj: dict, field_name: str | None, where: str) -> str:
-    instruction = _need(_first(obj, ["instruction", "prompt"]), "'instruction'", where, obj)
-    extra = _first(obj, ["input", "context"]) or ""
-    output = _need(_first(obj, ["output", "response", "completion"]), "'output'", where, obj)
-    user = f"{instruction}\n\n{extra}" if str(extra).strip() else str(instruction)
-    return render_chat([{"role": "user", "content": user}, {"role": "assistant", "content": str(output)}])
-
-
-def _render_qa(obj: dict, field_name: str | None, where: str) -> str:
-    question = _need(_first(obj, ["question", "query", "q"]), "'question'", where, obj)
-    answer = _first(obj, ["answer", "a", "answers"])
-    if isinstance(answer, dict):  # SQuAD: {"text": [...], "answer_start": [...]}
-        answer = answer.get("text")
-    if isinstance(answer, list):
-        answer = answer[0] if answer else None
-    if answer is None or not str(answer).strip():
-        return ""  # unanswerable questions (SQuAD v2) teach nothing here
-    return render_chat([{"role": "user", "content": str(question)}, {"role": "assistant", "content": str(answer)}])
+_render_chatml = _as_chat("chatml")
+_render_alpaca = _as_chat("alpaca")
+_render_qa = _as_chat("qa")
 
 
 def _render_dialog(obj: dict, field_name: str | None, where: str) -> str:
@@ -185,8 +149,8 @@ def _render_dialog(obj: dict, field_name: str | None, where: str) -> str:
 
 
 def _render_definition(obj: dict, field_name: str | None, where: str) -> str:
-    word = _need(_first(obj, ["word", "term", "headword", "lemma"]), "'word'", where, obj)
-    definition = _need(_first(obj, ["definition", "gloss", "meaning", "definitions"]), "'definition'", where, obj)
+    word = _need(first_field(obj, ["word", "term", "headword", "lemma"]), "'word'", where, obj)
+    definition = _need(first_field(obj, ["definition", "gloss", "meaning", "definitions"]), "'definition'", where, obj)
     if isinstance(definition, list):
         definition = "; ".join(map(str, definition))
     return f"{str(word).strip()}: {str(definition).strip()}"

@@ -177,7 +177,7 @@ def write_gguf(model, tok: Tokenizer, path: Path, qtype: str, name: str) -> None
 
 def export_gguf(ckpt: str | Path, out: str | Path, qtype: str = "f16") -> Path:
     """Checkpoint (or run dir) -> one .gguf file, written to a temporary name and renamed."""
-    from jojo.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from jojo.checkpoint import load_checkpoint, resolve_checkpoint
 
     if qtype not in GGUF_TYPES:
         raise JojoError(f"invalid --type {qtype!r}; allowed values: {', '.join(GGUF_TYPES)}")

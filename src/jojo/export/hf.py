@@ -371,8 +371,8 @@ def export_hf(
 ) -> Path:
     """Checkpoint (or run dir) -> a transformers folder with a model card (and a .gguf beside the weights
     when gguf_type is given). Returns the folder."""
+    from jojo.checkpoint import load_checkpoint, resolve_checkpoint
     from jojo.export.card import find_run_dir, model_card, plot_path
-    from jojo.train.checkpoint import load_checkpoint, resolve_checkpoint
 
     if dtype not in DTYPES:
         raise JojoError(f"invalid --dtype {dtype!r}; allowed values: {', '.join(DTYPES)}")
@@ -504,8 +504,8 @@ def _grow_vocab(sd: dict[str, torch.Tensor], cfg: ModelConfig, size: int) -> Mod
 def import_hf(src: str | Path, out: str | Path, block_size: int | None = None) -> Path:
     """A local transformers folder (GPT-2 or Llama, with tokenizer.json) -> a Jojo run dir holding one
     checkpoint (step 0), ready for `jojo train --init-from`, `jojo generate` or export. Returns the checkpoint."""
+    from jojo.checkpoint import load_weights, write_checkpoint
     from jojo.model import GPT
-    from jojo.train.checkpoint import load_weights, write_checkpoint
 
     src, out = Path(src), Path(out)
     if not src.is_dir():

@@ -20,8 +20,7 @@ import torch
 
 from jojo.errors import JojoError
 from jojo.infer.engine import SamplingConfig, TextStreamer, generate_stream
-from jojo.sft import encode_chat
-from jojo.tokenizer import Tokenizer
+from jojo.tokenizer import Tokenizer, encode_chat
 
 HELP = "commands: /reset  /system TEXT  /save FILE  /quit   (Ctrl+D quits; Ctrl+C stops an answer)"
 
@@ -189,8 +188,8 @@ def chat_main(
     answer is printed."""
     import sys
 
-    from jojo.train.checkpoint import load_checkpoint
-    from jojo.train.system import pick_device
+    from jojo.checkpoint import load_checkpoint
+    from jojo.device import pick_device
 
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
+from jojo import checkpoint as ckpt_io
 from jojo.config import TrainConfig
 from jojo.errors import JojoError
 from jojo.model import GPT, IGNORE_INDEX
 from jojo.tokenizer import Tokenizer
-from jojo.train import checkpoint as ckpt_io
 from jojo.train.optim import build_optimizer
 from jojo.train.schedule import lr_multiplier
 from jojo.train.system import Runtime, peak_flops, seed_everything, wrap_for_training

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
+from jojo import checkpoint as ckpt_io
 from jojo.config import TrainConfig, model_config_from_dict
 from jojo.data.loader import BatchLoader
 from jojo.data.prepare import load_meta
 from jojo.errors import JojoError
 from jojo.model import GPT
 from jojo.tokenizer import Tokenizer
-from jojo.train import checkpoint as ckpt_io
 from jojo.train.loop import FitResult, fit, total_steps
 from jojo.train.optim import build_optimizer
 from jojo.train.system import (

@@ -7,7 +7,6 @@ the one that logs and saves. `wrap_for_training` applies compile and DDP (or FSD
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 from collections.abc import Callable
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 from jojo.config import SystemConfig
-from jojo.errors import JojoError
+from jojo.device import autocast, pick_device, pick_dtype
 
 # Dense bf16 peak FLOP/s by GPU name fragment (vendor datasheets, without sparsity), for MFU.
 PEAK_FLOPS = {
@@ -32,33 +31,6 @@ PEAK_FLOPS = {
     "V100": 125e12,
     "T4": 65e12,
 }
-
-
-def pick_device(requested: str) -> torch.device:
-    """auto -> the CUDA GPU with the most free memory, else MPS, else CPU."""
-    if requested != "auto":
-        if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise JojoError(f"device '{requested}' requested but CUDA is not available; use --device cpu")
-        if requested == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise JojoError("device 'mps' requested but MPS is not available; use --device cpu")
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
-        return torch.device(f"cuda:{int(np.argmax(free))}")
-    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
-    if requested == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    dtype = getattr(torch, requested)
-    if dtype == torch.float16 and device.type == "cpu":
-        raise JojoError("float16 autocast is not supported on CPU; use --dtype bfloat16 or float32")
-    return dtype
 
 
 def seed_everything(seed: int) -> None:
@@ -95,19 +67,13 @@ class Runtime:
         return self.world_size > 1
 
     def autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        return autocast(self.device, self.dtype)
 
     def grad_scaler(self) -> torch.amp.GradScaler | None:
         """float16 needs loss scaling (its exponent range underflows small gradients); bfloat16 does not."""
         if self.dtype == torch.float16 and self.device.type == "cuda":
             return torch.amp.GradScaler("cuda")
         return None
-
-    def barrier(self) -> None:
-        if self.distributed:
-            torch.distributed.barrier()
 
 
 def setup_runtime(cfg: SystemConfig) -> Runtime:

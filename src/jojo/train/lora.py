@@ -96,7 +96,7 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 @torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights with every adapter folded in, under the plain model's names (tied tensors once)."""
-    from jojo.train.checkpoint import unique_state_dict
+    from jojo.checkpoint import unique_state_dict
 
     weights = unique_state_dict(model)
     for name, m in lora_modules(model).items():

@@ -40,39 +40,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jojo.data.messages import MESSAGE_FORMATS, messages_from_record
 from jojo.errors import JojoError
 from jojo.model import IGNORE_INDEX
-from jojo.tokenizer import EOT, IM_END, IM_START, Tokenizer
+from jojo.tokenizer import EOT, IM_END, IM_START, Tokenizer, encode_chat
 
 EMBEDDED = "embedded"
 ROLES = ("system", "user", "assistant")
-DATA_FORMATS = ("auto", "chatml", "alpaca")
 ON_BAD = ("skip", "error")
 
 
-# ---- messages -> ids and loss mask ----------------------------------------------------------------------
-def encode_chat(
-    tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = False, bos: bool = True
-) -> tuple[list[int], list[bool]]:
-    """Token ids of a conversation in the one chat template, and for each id whether it is trained on
-    (assistant content and its closing <|im_end|>). The chat REPL and the server build prompts with this too,
-    so training and inference see the same ids. `bos` puts <|endoftext|> first, as every pretraining document."""
-    ids: list[int] = [tok.eot_id] if bos else []
-    train: list[bool] = [False] * len(ids)
-    newline = tok.encode("\n")
-    for m in messages:
-        header = [tok.im_start_id, *tok.encode(f"{m['role']}\n")]
-        content = tok.encode(m["content"]) if m["content"] else []
-        is_answer = m["role"] == "assistant"
-        ids += header + content + [tok.im_end_id] + newline
-        train += [False] * len(header) + [is_answer] * (len(content) + 1) + [False] * len(newline)
-    if add_generation_prompt:
-        header = [tok.im_start_id, *tok.encode("assistant\n")]
-        ids += header
-        train += [False] * len(header)
-    return ids, train
-
-
+# ---- messages ------------------------------------------------------------------------------------------
 def check_messages(messages: list[dict]) -> str | None:
     """Why a normalised conversation cannot be trained on, or None when it can."""
     if not messages:
@@ -93,47 +71,6 @@ def check_messages(messages: list[dict]) -> str | None:
     if not answers:
         return "no assistant turn (nothing to learn)"
     return None
-
-
-def _role_aliases() -> dict[str, str]:
-    from jojo.data.sources import _ROLES  # the aliases `jojo prepare` uses (human/gpt/bot/model/...)
-
-    return _ROLES
-
-
-def messages_from_record(obj, fmt: str = "auto") -> list[dict]:
-    """A record -> [{"role", "content"}]; raises ValueError with the reason when it is malformed.
-
-    chatml: {"messages" | "conversations": [{"role", "content"} | {"from", "value"}]} (ShareGPT names too);
-    alpaca: {"instruction", "input", "output"}: user = instruction (+ blank line + input), assistant = output,
-    as `jojo prepare --dataset alpaca` renders it. auto: alpaca when the record has "instruction", else chatml."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    if fmt == "auto":
-        fmt = "alpaca" if "instruction" in obj else "chatml"
-    if fmt == "alpaca":
-        instruction, extra, output = obj.get("instruction"), obj.get("input") or "", obj.get("output")
-        if not isinstance(instruction, str) or not isinstance(output, str) or not isinstance(extra, str):
-            raise ValueError("an Alpaca record needs string 'instruction' and 'output' (and optional 'input')")
-        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-    turns = next((obj[k] for k in ("messages", "conversations") if k in obj), None)
-    if not isinstance(turns, list):
-        keys = ", ".join(sorted(map(str, obj))[:8])
-        raise ValueError(f"no 'messages' or 'conversations' list (fields: {keys})")
-    aliases = _role_aliases()
-    messages = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise ValueError(f"message {i} is not an object with 'role' and 'content'")
-        role = turn.get("role", turn.get("from"))
-        content = turn.get("content", turn.get("value"))
-        if not isinstance(role, str) or not role:
-            raise ValueError(f"message {i} has no role")
-        if not isinstance(content, str):
-            raise ValueError(f"message {i} has no string content")
-        messages.append({"role": aliases.get(role.lower(), role), "content": content})
-    return messages
 
 
 # ---- reading conversations ----------------------------------------------------------------------------
@@ -237,8 +174,8 @@ def load_sft_data(
     embedded_n: int = 8000,
 ) -> SFTData:
     """Read, validate, encode and split conversations. `source`: 'embedded' or a file/folder/glob."""
-    if fmt not in DATA_FORMATS:
-        raise JojoError(f"unknown SFT data format '{fmt}'; choose from {', '.join(DATA_FORMATS)}")
+    if fmt not in MESSAGE_FORMATS:
+        raise JojoError(f"unknown SFT data format '{fmt}'; choose from {', '.join(MESSAGE_FORMATS)}")
     if on_bad not in ON_BAD:
         raise JojoError(f"unknown --on-bad '{on_bad}'; choose skip or error")
     if not 0.0 <= val_fraction < 1.0:
@@ -440,9 +377,9 @@ def run_sft(
 
     resume: continue the run in cfg.logging.out_dir from its latest checkpoint (weights, optimizer, data
     position, random state), given the same data and options; `init_from` is then not needed."""
-    from jojo.lora import apply_lora, lora_summary, merged_state_dict
-    from jojo.train import checkpoint as ckpt_io
+    from jojo import checkpoint as ckpt_io
     from jojo.train.loop import fit
+    from jojo.train.lora import apply_lora, lora_summary, merged_state_dict
     from jojo.train.system import setup_runtime, teardown_runtime
 
     run_dir = Path(cfg.logging.out_dir)
