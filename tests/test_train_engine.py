@@ -207,7 +207,7 @@ def test_wandb_missing_is_a_one_line_error(prepared, tmp_path, monkeypatch, caps
 
 def test_early_stopping_after_patience_evaluations(prepared, tmp_path, monkeypatch):
     val_losses = iter([3.0, 2.5, 2.6, 2.7, 2.8, 2.9])
-    monkeypatch.setattr(loop_mod, "evaluate", lambda *a, **k: (next(val_losses), 1))
+    monkeypatch.setattr(loop_mod, "evaluate_loss", lambda *a, **k: (next(val_losses), 1))
     run = tmp_path / "run"
     tree = cfg_tree(prepared, run, schedule={"max_steps": 30}, logging={**cfg_tree(prepared, run)["logging"]})
     tree["logging"]["patience"] = 2

@@ -30,12 +30,11 @@ from jojo.data.prepare import prepare_records
 from jojo.data.synthetic import generate_corpus, heldout_questions, write_documents
 from jojo.device import pick_device
 from jojo.errors import JojoError
+from jojo.eval.lm import LN2, evaluate_loss
 from jojo.infer.engine import SamplingConfig, generate
 from jojo.tokenizer import Tokenizer, render_chat, train_tokenizer
-from jojo.train.loop import LN2, evaluate
 from jojo.train.run import run_training
 from jojo.train.sft import run_sft
-from jojo.train.system import Runtime
 
 # Default budget (scale 1): sized for about five minutes in all on 2 CPU cores.
 CORPUS_DOCS = 12_000
@@ -139,7 +138,7 @@ def run_quickstart(
     dev = pick_device(device)
     model, tok, state = load_checkpoint(out_dir / "model", dev)
     val_src = BatchLoader(out_dir / "data", "val", batch_size=8, block_size=model.config.block_size, shuffle=False)
-    val_loss, _ = evaluate(model, val_src, Runtime(dev, torch.float32))
+    val_loss, _ = evaluate_loss(model, val_src, dev)
     val_bpb = val_loss / LN2 / (val["bytes"] / val["tokens"])
     unigram = unigram_entropy_nats(out_dir / "data")
 

@@ -26,13 +26,12 @@ import torch
 from jojo import checkpoint as ckpt_io
 from jojo.config import TrainConfig
 from jojo.errors import JojoError
-from jojo.model import GPT, IGNORE_INDEX
+from jojo.eval.lm import LN2, evaluate_loss
+from jojo.model import GPT
 from jojo.tokenizer import Tokenizer
 from jojo.train.optim import build_optimizer
 from jojo.train.schedule import lr_multiplier
 from jojo.train.system import Runtime, peak_flops, seed_everything, wrap_for_training
-
-LN2 = math.log(2)
 
 
 @dataclass
@@ -85,26 +84,6 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, source, rt: Runtime, max_batches: int = 0) -> tuple[float, int]:
-    """Mean loss (nats per predicted token) over the first `max_batches` batches (0 = all) and the count."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for batch in source.iter_sequential(max_batches):
-        x = batch["input_ids"].to(rt.device)
-        y = batch["targets"].to(rt.device)
-        kwargs = {"doc_ids": batch["doc_ids"].to(rt.device)} if "doc_ids" in batch else {}
-        with rt.autocast():
-            _, loss = model(x, y, **kwargs)
-        n = int((y != IGNORE_INDEX).sum())
-        if n:
-            total += float(loss) * n
-            count += n
-    model.train(was_training)
-    return (total / count if count else float("nan")), count
 
 
 def fit(
@@ -203,7 +182,7 @@ def fit(
         )
 
     def run_eval(step: int) -> tuple[float, float | None]:
-        val_loss, _ = evaluate(model, val_source, rt, log.eval_iters)
+        val_loss, _ = evaluate_loss(model, val_source, rt.device, rt.dtype, log.eval_iters)
         val_bpb = val_loss / LN2 / bytes_per_token if bytes_per_token else None
         if monitor:
             row = {"val_loss": val_loss, "val_bpb": val_bpb}

@@ -1,0 +1,49 @@
+"""Language-model metrics over batches of (input_ids, targets[, doc_ids]): the one validation-loss code path.
+
+The training loop's validation, `jojo eval --data DIR --split val` and the quickstart all call `evaluate_loss`,
+so their figures are the same quantity: the mean loss in nats over every predicted (non-ignored) token.
+Bits per byte = loss / ln 2 / (bytes per token of the split).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from jojo.device import autocast
+from jojo.model import IGNORE_INDEX
+
+LN2 = math.log(2)
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module,
+    source,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    max_batches: int = 0,
+) -> tuple[float, int]:
+    """Mean loss (nats per predicted token) over the first `max_batches` batches of `source.iter_sequential`
+    (0 = all) and the number of predicted tokens. Each batch's mean is weighted by its token count, so the
+    result is the mean over tokens whatever the batch sizes."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in source.iter_sequential(max_batches):
+        x = batch["input_ids"].to(device)
+        y = batch["targets"].to(device)
+        kwargs = {"doc_ids": batch["doc_ids"].to(device)} if "doc_ids" in batch else {}
+        with autocast(device, dtype):
+            _, loss = model(x, y, **kwargs)
+        n = int((y != IGNORE_INDEX).sum())
+        if n:
+            total += float(loss) * n
+            count += n
+    model.train(was_training)
+    return (total / count if count else float("nan")), count
+
+
+def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
+    return loss_nats / LN2 / bytes_per_token
