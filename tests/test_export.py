@@ -13,14 +13,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from jojo.checkpoint import load_checkpoint, load_optimizer_state, resolve_checkpoint, write_checkpoint
 from jojo.config import ModelConfig
 from jojo.errors import JojoError
 from jojo.export.hf import export_hf, hf_config, import_hf, to_hf_state_dict
 from jojo.infer.engine import SamplingConfig, generate
-from jojo.model import GPT, Linear
+from jojo.model import GPT
 from jojo.tokenizer import CHAT_TEMPLATE_JINJA, EOT, IM_END, IM_START, render_chat, train_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -569,77 +568,3 @@ def test_gguf_refuses_tokenizers_llama_cpp_would_split_differently(runs, tmp_pat
     other = Tokenizer(HFTokenizer.from_str(json.dumps(data)))
     with pytest.raises(JojoError, match="GPT-2's pre-tokenization"):
         gguf_vocab(other, 512)
-
-
-# ---- the decode kernel the benchmark relies on ------------------------------------------------------------------
-def test_single_row_linear_matches_f_linear():
-    from jojo import model as jm
-
-    torch.manual_seed(0)
-    for bias in (True, False):
-        layer = Linear(96, 200, bias=bias)
-        x = torch.randn(1, 1, 96)
-        for threads in (1, 2, 3):
-            before = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
-                with torch.no_grad():
-                    y = layer(x)
-            finally:
-                torch.set_num_threads(before)
-            assert y.shape == (1, 1, 200)
-            assert torch.allclose(y, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-        if jm._FBGEMM:  # the embedding-bag kernel really ran (x86 builds), with its transposed copy of the weight
-            assert layer._rows is not None and torch.equal(layer._rows.rows, layer.weight.t())
-        # the weight changes in place (an optimizer step, load_state_dict): the transposed copy follows
-        with torch.no_grad():
-            layer.weight.mul_(-2.0)
-            assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-            layer.weight = torch.nn.Parameter(torch.randn(200, 96))  # replaced outright
-            assert torch.allclose(layer(x[0]), F.linear(x[0], layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-            layer.weight.data = torch.randn(200, 96)  # storage swapped under the same Parameter
-            assert torch.allclose(layer(x[0]), F.linear(x[0], layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-    if jm._FBGEMM:
-        layer.double()  # moving or casting the layer frees the copy (it would only hold memory)
-        assert layer._rows is None
-        layer.float()
-    with torch.inference_mode():  # a layer built under inference_mode: its weight has no version counter
-        inf_layer = Linear(96, 200)
-        assert torch.allclose(inf_layer(x), F.linear(x, inf_layer.weight, inf_layer.bias), rtol=1e-5, atol=1e-5)
-    y = layer(x)  # with grad: the plain path, differentiable
-    y.sum().backward()
-    assert layer.weight.grad is not None
-
-
-def test_swiglu_decodes_gate_and_up_in_one_product_unless_lora_wraps_them():
-    from jojo import model as jm
-    from jojo.train.lora import apply_lora
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(family="llama", vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)
-    mlp = jm.SwiGLU(cfg)
-    x = torch.randn(1, 1, 32)
-
-    def reference(m):  # the formula with F.linear, no fast path
-        return F.linear(F.silu(F.linear(x, m.gate.weight)) * F.linear(x, m.up.weight), m.proj.weight)
-
-    with torch.no_grad():
-        assert torch.allclose(mlp(x), reference(mlp), rtol=1e-5, atol=1e-6)
-        if jm._FBGEMM:  # one copy holds gate and up side by side; the layers themselves made none
-            assert torch.equal(mlp._rows.rows, torch.cat([mlp.gate.weight.t(), mlp.up.weight.t()], dim=1))
-            assert mlp.gate._rows is None and mlp.up._rows is None
-        mlp.up.weight.mul_(3.0)  # an in-place update of one of the two: the shared copy follows
-        assert torch.allclose(mlp(x), reference(mlp), rtol=1e-5, atol=1e-6)
-    mlp.double()  # casting frees the shared copy
-    assert mlp._rows is None
-    mlp.float()
-
-    # LoRA on up: the fused copy would skip the adapter's update, so the layers run one by one
-    model = torch.nn.Module()
-    model.mlp = mlp
-    apply_lora(model, rank=2, targets="up")
-    with torch.no_grad():
-        mlp.up.lora_B.normal_()
-        lora_up = F.linear(x, mlp.up.weight) + mlp.up.scaling * F.linear(F.linear(x, mlp.up.lora_A), mlp.up.lora_B)
-        expected = F.linear(F.silu(F.linear(x, mlp.gate.weight)) * lora_up, mlp.proj.weight)
-        assert torch.allclose(mlp(x), expected, rtol=1e-5, atol=1e-6)

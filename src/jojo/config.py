@@ -35,48 +35,61 @@ def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
         raise JojoError(f"invalid value {value!r} for '{key}'; it must be {'>= 0' if allow_zero else '> 0'}")
 
 
+# The families are named presets of the model's parts: the value each part takes when the config leaves it None.
+FAMILY_PARTS = {
+    "gpt2": {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "tie_embeddings": True},
+    "llama": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "tie_embeddings": False},
+}
+POSITIONS, NORMS, MLPS = ("learned", "rope"), ("layernorm", "rmsnorm"), ("gelu", "swiglu")
+
+
 @dataclass
 class ModelConfig:
-    """Architecture only. `family` picks the recipe; family-dependent fields left as None are resolved
-    to the family's default in __post_init__, so a saved config is always explicit."""
+    """Architecture only. The parts (positions, norm, MLP, biases, tying, n_kv_head) are independent choices;
+    `family` names the preset that fills the parts left as None, resolved in __post_init__, so a saved config is
+    always explicit. A GPT-2 block with RoPE and RMSNorm is `family=gpt2, positions=rope, norm=rmsnorm`."""
 
     family: str = "gpt2"
     vocab_size: int = 50304
     block_size: int = 1024  # context length in tokens
     n_layer: int = 12
     n_head: int = 12
-    n_kv_head: int | None = None  # grouped-query attention (llama); None -> n_head
+    n_kv_head: int | None = None  # grouped-query attention when < n_head; None -> n_head
     n_embd: int = 768
-    mlp_hidden: int | None = None  # gpt2: 4*n_embd; llama: ~8/3*n_embd rounded up to a multiple of 64
-    bias: bool | None = None  # gpt2: True; llama: False
-    tie_embeddings: bool | None = None  # gpt2: True; llama: False
+    positions: str | None = None  # learned (a position table) | rope (rotary); None -> the family's
+    norm: str | None = None  # layernorm | rmsnorm; None -> the family's
+    mlp: str | None = None  # gelu | swiglu; None -> the family's
+    mlp_hidden: int | None = None  # gelu: 4*n_embd; swiglu: ~8/3*n_embd rounded up to a multiple of 64
+    bias: bool | None = None  # biases in linear layers and LayerNorm (gpt2: True; llama: False)
+    tie_embeddings: bool | None = None  # lm_head shares the token embedding (gpt2: True; llama: False)
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("model.family", self.family, FAMILIES)
+        for key, value in FAMILY_PARTS[self.family].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        _check_choice("model.positions", self.positions, POSITIONS)
+        _check_choice("model.norm", self.norm, NORMS)
+        _check_choice("model.mlp", self.mlp, MLPS)
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             _check_positive(f"model.{name}", getattr(self, name))
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        _check_positive("model.n_kv_head", self.n_kv_head)
         if self.n_embd % self.n_head:
             raise JojoError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
             raise JojoError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
-        if self.family == "gpt2" and self.n_kv_head != self.n_head:
-            raise JojoError("model.n_kv_head must equal model.n_head for the gpt2 family (use family 'llama')")
-        if self.family == "llama" and (self.n_embd // self.n_head) % 2:
-            raise JojoError("model.n_embd / model.n_head must be even for RoPE (llama family)")
+        if self.positions == "rope" and (self.n_embd // self.n_head) % 2:
+            raise JojoError("model.n_embd / model.n_head must be even for RoPE (model.positions=rope)")
         if self.mlp_hidden is None:
-            if self.family == "gpt2":
+            if self.mlp == "gelu":
                 self.mlp_hidden = 4 * self.n_embd
             else:
                 self.mlp_hidden = 64 * math.ceil(int(8 * self.n_embd / 3) / 64)
-        if self.bias is None:
-            self.bias = self.family == "gpt2"
-        if self.tie_embeddings is None:
-            self.tie_embeddings = self.family == "gpt2"
         if not 0.0 <= self.dropout < 1.0:
             raise JojoError(f"invalid value {self.dropout!r} for 'model.dropout'; it must be in [0, 1)")
 

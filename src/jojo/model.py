@@ -1,14 +1,17 @@
 """The GPT: architecture only.
 
-One decoder-only transformer with two families picked by `ModelConfig.family`:
+One decoder-only transformer whose parts are independent `ModelConfig` choices, resolved once when the modules
+are built (forward never branches on them):
 
-- ``gpt2``:  learned absolute positions, LayerNorm, GELU MLP, biases, tied input/output embeddings.
-- ``llama``: rotary position embeddings (RoPE), RMSNorm, SwiGLU MLP, grouped-query attention, no biases,
-  optional tying.
+- positions: ``learned`` (an absolute position table) | ``rope`` (rotary embeddings on q and k);
+- norm: ``layernorm`` | ``rmsnorm``;  mlp: ``gelu`` (GPT-2's tanh GELU) | ``swiglu``;
+- bias on every linear layer and LayerNorm, tied input/output embeddings, and ``n_kv_head`` < ``n_head`` for
+  grouped-query attention.
 
-The family is resolved once, when the modules are built (which norm, which MLP, whether there is a
-position table); `forward` does not branch on it. No optimizer, device policy, precision or distributed code
-lives here: those wrap the model from outside (`jojo.train`).
+The families are named presets of these: ``gpt2`` = learned, layernorm, gelu, biases, tied; ``llama`` = rope,
+rmsnorm, swiglu, no biases, optional tying. No optimizer, device policy, precision, distributed code or speed
+trick for a particular device lives here: those are applied to the model from outside (`jojo.train` wraps it
+for training, `jojo.infer.decode` converts it for fast CPU decoding).
 
 Attention goes through `F.scaled_dot_product_attention`. Generation uses a `KVCache` that the caller owns.
 Packed sequences (several documents in one row, as SFT packs conversations) pass `doc_ids`: attention then
@@ -46,116 +49,8 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-_BAG_LAYOUTS: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-_FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines  # x86 builds: FBGEMM's embedding-bag kernels
-
-
-def _bag_layout(n_rows: int, parts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices 0..n_rows-1 cut into `parts` bags of consecutive rows (the bag offsets), made once per shape."""
-    key = (n_rows, parts)
-    if key not in _BAG_LAYOUTS:
-        offsets = torch.tensor([k * n_rows // parts for k in range(parts)])
-        _BAG_LAYOUTS[key] = (torch.arange(n_rows), offsets)
-    return _BAG_LAYOUTS[key]
-
-
-def _one_row_inference(x: torch.Tensor) -> bool:
-    """Is x a single float32 CPU row outside autograd and compilation, where `RowsCopy.matvec` applies?"""
-    return (
-        _FBGEMM
-        and x.numel() == x.shape[-1]
-        and x.dtype is torch.float32
-        and x.is_cpu
-        and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()  # a compiled graph takes F.linear, which inductor knows
-    )
-
-
-def _weight_key(w: torch.Tensor) -> tuple[int, int]:
-    """(data pointer, version counter): changes when the weight is replaced, swapped or updated in place."""
-    try:
-        return w.data_ptr(), w._version
-    except RuntimeError:  # tensors made under inference_mode keep no version counter
-        return w.data_ptr(), -1
-
-
-class RowsCopy:
-    """The weights of one or more linear layers that read the same input, transposed and laid side by side,
-    [in, sum of outs], for the one-row product of `Linear` (see there). `matvec(x)` is x @ W^T for the layers
-    at once (SwiGLU's gate and up share one copy, so one decode step makes one call for both)."""
-
-    def __init__(self, weights: tuple[torch.Tensor, ...]):
-        # Holding the weights as they were keeps their memory from being reused, so "same data pointer, same
-        # version" really means "same values".
-        self.held = tuple(w.detach() for w in weights)
-        self.key = tuple(_weight_key(w) for w in weights)
-        self.usable = all(w.dtype == torch.float32 and w.is_cpu for w in weights)
-        self.rows = torch.cat([w.t() for w in self.held], dim=1).contiguous() if self.usable else None
-
-    @staticmethod
-    def of(owner: nn.Module, weights: tuple[torch.Tensor, ...]) -> RowsCopy:
-        """owner's copy of `weights`, (re)made when absent or stale."""
-        copy = owner._rows
-        if copy is None or copy.key != tuple(_weight_key(w) for w in weights):
-            copy = owner._rows = RowsCopy(weights)
-        return copy
-
-    def matvec(self, x: torch.Tensor) -> torch.Tensor:
-        """x: one row (any shape with numel == in) -> [sum of outs]."""
-        parts = min(torch.get_num_threads(), self.rows.shape[0])
-        indices, offsets = _bag_layout(self.rows.shape[0], parts)
-        # torch.embedding_bag is the op F.embedding_bag calls after its argument checks (which cost 3x the op
-        # itself at this size): weight, indices, offsets, scale_grad_by_freq, mode 0 = sum, sparse,
-        # per_sample_weights, include_last_offset, padding_idx. It returns (sums, and three bookkeeping tensors).
-        y = torch.embedding_bag(self.rows, indices, offsets, False, 0, False, x.reshape(-1), False, None)[0]
-        return y.sum(0) if parts > 1 else y[0]
-
-
-class _HoldsRowsCopy(nn.Module):
-    _rows: RowsCopy | None = None
-
-    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), ...: the copy would be stale; free it now
-        self._rows = None
-        return super()._apply(fn, recurse)
-
-
-def free_decode_copies(model: nn.Module) -> None:
-    """Drop every `RowsCopy` the model's layers hold (a training run that samples between steps: its weights
-    change before the next sample anyway, so the copies would only hold memory)."""
-    for module in model.modules():
-        if isinstance(module, _HoldsRowsCopy):
-            module._rows = None
-
-
-class Linear(_HoldsRowsCopy, nn.Linear):
-    """nn.Linear (same parameters, same state-dict names) with a faster kernel for one row at inference.
-
-    Why: decoding one token multiplies a single row by every weight matrix, a pure memory-bound GEMV. On CPU in
-    float32, F.linear sends it to MKL's sgemv, which reaches a third of the memory bandwidth or less. The
-    product x @ W^T is also sum_j x[j] * W^T[j, :]: a weighted sum of the rows of W^T, which is exactly what
-    `F.embedding_bag(mode="sum", per_sample_weights=x)` computes, and its CPU kernel (FBGEMM) streams rows at
-    close to the memory bandwidth. Cutting the rows into one bag per thread spreads the reading over the cores;
-    the bags' partial sums are then added. On the 2-core machine of BENCHMARKS.md, one decoded token's 25
-    matrix-vector products (a 12M-parameter gpt2) take 0.9 ms this way, 3.1 ms with F.linear and 1.4 ms with
-    oneDNN's linear kernel. Results agree with F.linear to float32 rounding.
-
-    The cost: a transposed copy of the weight (a `RowsCopy`), made on the first one-row call and rebuilt if
-    the weight changes, so a model decoding on CPU holds its matrices twice. Training, batches (prefill), other
-    dtypes and devices, and builds without FBGEMM (ARM) take F.linear unchanged."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _one_row_inference(x):
-            copy = RowsCopy.of(self, (self.weight,))
-            if copy.usable:
-                y = copy.matvec(x)
-                if self.bias is not None:
-                    y = y.add_(self.bias)
-                return y.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
-
-
 def make_norm(cfg: ModelConfig) -> nn.Module:
-    if cfg.family == "llama":
+    if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.n_embd, cfg.norm_eps)
     return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
@@ -163,28 +58,21 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 class GeluMLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc = Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
-        self.proj = Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
+        self.fc = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
 
 
-class SwiGLU(_HoldsRowsCopy):
+class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate = Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
-        self.up = Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
-        self.proj = Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
+        self.gate = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
+        self.up = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One decoded row: gate and up read the same x, so one product over both copies side by side (plain
-        # bias-free layers only: a LoRA-wrapped one adds its own update).
-        if _one_row_inference(x) and all(type(m) is Linear and m.bias is None for m in (self.gate, self.up)):
-            copy = RowsCopy.of(self, (self.gate.weight, self.up.weight))
-            if copy.usable:
-                gate, up = copy.matvec(x).view(*x.shape[:-1], 2, -1).unbind(-2)
-                return self.proj(F.silu(gate) * up)
         return self.proj(F.silu(self.gate(x)) * self.up(x))
 
 
@@ -221,6 +109,10 @@ class KVCache:
     def reset(self) -> None:
         self.pos = 0
 
+    def advance(self, n: int) -> None:
+        """Called by `GPT.forward` once the n new positions of every layer are stored."""
+        self.pos += n
+
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = k.shape[2]
         end = self.pos + T
@@ -239,8 +131,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.qkv = Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
-        self.proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
     def forward(self, x, rope, mask, cache: KVCache | None) -> torch.Tensor:
@@ -276,7 +168,7 @@ class Block(nn.Module):
         self.norm1 = make_norm(cfg)
         self.attn = Attention(cfg, layer)
         self.norm2 = make_norm(cfg)
-        self.mlp = GeluMLP(cfg) if cfg.family == "gpt2" else SwiGLU(cfg)
+        self.mlp = GeluMLP(cfg) if cfg.mlp == "gelu" else SwiGLU(cfg)
 
     def forward(self, x, rope, mask, cache):
         x = x + self.attn(self.norm1(x), rope, mask, cache)
@@ -298,11 +190,11 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.family == "gpt2" else None
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.positions == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
-        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if self.wpe is None:
@@ -357,14 +249,23 @@ class GPT(nn.Module):
         doc_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: [B, T] token ids. Returns (logits [B, T, V] (or [B, 1, V] with last_only), mean loss or None).
 
         targets: [B, T] next-token ids, IGNORE_INDEX where no loss is wanted.
         doc_ids: [B, T] document index of each token for packed rows (no cross-document attention).
         cache:   a KVCache; the new tokens sit at positions cache.pos .. cache.pos+T-1.
+        positions, attn_mask: for a cache whose rows are at different positions (a batched engine's): the
+                 position of each new token [B, T] and the boolean mask [B, 1, T, S] of the keys each may see
+                 (S = what `cache.store` returns); the cache's `store` places the keys, `advance` is called after.
         """
         B, T = idx.shape
+        if positions is not None:
+            if int(positions.max()) >= self.config.block_size:
+                raise ValueError(f"position {int(positions.max())} exceeds the context {self.config.block_size}")
+            return self._run(idx, targets, positions, attn_mask, cache, last_only, T)
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.config.block_size}")
@@ -381,7 +282,10 @@ class GPT(nn.Module):
             if cache is not None and start > 0 and T > 1:
                 # A chunk appended after cached tokens: it sees all of the cache and is causal within itself.
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
+        return self._run(idx, targets, pos, mask, cache, last_only, T)
 
+    def _run(self, idx, targets, pos, mask, cache, last_only: bool, T: int):
+        """The transformer proper, once positions [B or 1, T] and the attention mask are known."""
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(pos)
@@ -393,7 +297,7 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, rope, mask, cache)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         x = self.norm_f(x)
         if last_only:
             x = x[:, -1:]

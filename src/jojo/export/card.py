@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from jojo.export.arch import export_arch
 from jojo.tokenizer import Tokenizer
 
 
@@ -80,7 +81,7 @@ def model_card(
     gguf_file: str | None = None,
 ) -> str:
     cfg = model.config
-    hf_class = "GPT2LMHeadModel" if cfg.family == "gpt2" else "LlamaForCausalLM"
+    hf_class = "GPT2LMHeadModel" if export_arch(cfg) == "gpt2" else "LlamaForCausalLM"
     n_params = model.num_params()
     where = repo_id or "PATH_TO_THIS_FOLDER"
     name = repo_id.split("/")[-1] if repo_id else f"jojo-{cfg.family}-{n_params / 1e6:.1f}M"
@@ -91,10 +92,10 @@ def model_card(
         ("layers", cfg.n_layer),
         ("embedding size", cfg.n_embd),
         ("attention heads", cfg.n_head if cfg.n_kv_head == cfg.n_head else f"{cfg.n_head} ({cfg.n_kv_head} KV heads)"),
-        ("MLP hidden size", f"{cfg.mlp_hidden} ({'GELU' if cfg.family == 'gpt2' else 'SwiGLU'})"),
+        ("MLP hidden size", f"{cfg.mlp_hidden} ({'GELU' if export_arch(cfg) == 'gpt2' else 'SwiGLU'})"),
         ("context length", cfg.block_size),
         ("vocabulary", f"{tok.vocab_size:,} tokens (byte-level BPE), embedding padded to {cfg.vocab_size:,}"),
-        ("positions", "learned absolute" if cfg.family == "gpt2" else f"RoPE (theta {cfg.rope_theta:g})"),
+        ("positions", "learned absolute" if export_arch(cfg) == "gpt2" else f"RoPE (theta {cfg.rope_theta:g})"),
         ("tied input/output embeddings", "yes" if cfg.tie_embeddings else "no"),
         ("weights dtype", dtype),
     ]

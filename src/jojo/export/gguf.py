@@ -27,6 +27,7 @@ import torch
 
 from jojo.config import ModelConfig
 from jojo.errors import JojoError
+from jojo.export.arch import export_arch
 from jojo.tokenizer import CHAT_TEMPLATE_JINJA, Tokenizer
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -47,7 +48,7 @@ def gguf_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> list[tuple[st
         return torch.zeros(weight.shape[0])
 
     out = [("token_embd.weight", get("wte.weight"))]
-    if cfg.family == "gpt2":
+    if export_arch(cfg) == "gpt2":
         out.append(("position_embd.weight", get("wpe.weight")))
         for i in range(cfg.n_layer):
             b, p = f"blocks.{i}.", f"blk.{i}."
@@ -132,7 +133,7 @@ def write_gguf(model, tok: Tokenizer, path: Path, qtype: str, name: str) -> None
     if qtype not in GGUF_TYPES:
         raise JojoError(f"invalid --type {qtype!r}; allowed values: {', '.join(GGUF_TYPES)}")
     cfg: ModelConfig = model.config
-    arch = cfg.family  # llama.cpp's architecture names are "gpt2" and "llama", as our families
+    arch = export_arch(cfg)  # llama.cpp's architecture names are "gpt2" and "llama"
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(name)
     file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}
@@ -146,7 +147,7 @@ def write_gguf(model, tok: Tokenizer, path: Path, qtype: str, name: str) -> None
     w.add_head_count(cfg.n_head)
     w.add_head_count_kv(cfg.n_kv_head)
     w.add_vocab_size(cfg.vocab_size)
-    if cfg.family == "gpt2":
+    if export_arch(cfg) == "gpt2":
         w.add_layer_norm_eps(cfg.norm_eps)
     else:
         w.add_layer_norm_rms_eps(cfg.norm_eps)

@@ -27,6 +27,7 @@ import torch
 
 from jojo.config import ModelConfig, read_json
 from jojo.errors import JojoError
+from jojo.export.arch import export_arch
 from jojo.tokenizer import CHAT_TEMPLATE_JINJA, EOT, SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -78,11 +79,11 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
 def name_table(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
     """(Jojo name, HF name, transposed) for every tensor mapped one to one (llama's qkv is split apart)."""
-    if cfg.family == "gpt2":
+    if export_arch(cfg) == "gpt2":
         glob, layer, prefix = _GPT2_GLOBAL, _GPT2_LAYER, "transformer.h"
     else:
         glob, layer, prefix = _LLAMA_GLOBAL, _LLAMA_LAYER, "model.layers"
-    keep_bias = cfg.family == "gpt2" or cfg.bias
+    keep_bias = export_arch(cfg) == "gpt2" or cfg.bias
     rows = [r for r in glob if keep_bias or not r[0].endswith(".bias")]
     for i in range(cfg.n_layer):
         rows += [
@@ -110,7 +111,7 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
         raise JojoError(f"checkpoint lacks tensor {name}; it does not match its config")
 
     out = {hf: (get(ours).t() if transposed else get(ours)) for ours, hf, transposed in name_table(cfg)}
-    if cfg.family == "llama":
+    if export_arch(cfg) == "llama":
         for i in range(cfg.n_layer):
             kinds = ("weight", "bias") if cfg.bias else ("weight",)
             for kind in kinds:
@@ -146,7 +147,7 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
             continue
         t = take(name, size=bias_size(ours))
         out[ours] = t.t().contiguous() if transposed else t
-    if cfg.family == "llama":
+    if export_arch(cfg) == "llama":
         for i in range(cfg.n_layer):
             kinds = ("weight", "bias") if cfg.bias else ("weight",)
             for kind in kinds:
@@ -175,7 +176,7 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer, dtype: torch.dtype = torch.float
         "use_cache": True,
         "torch_dtype": _DTYPE_NAMES[dtype],
     }
-    if cfg.family == "gpt2":
+    if export_arch(cfg) == "gpt2":
         return {
             "architectures": ["GPT2LMHeadModel"],
             "model_type": "gpt2",

@@ -6,7 +6,7 @@ the base model exactly. Only A and B have requires_grad, so the optimizer sees n
 
 Checkpoints hold merged weights, W + (alpha / r) B A, under the base model's names: every other command
 (generate, chat, eval, export) reads a LoRA run's checkpoint as a plain GPT. The adapters are applied from
-outside the model file, by swapping the targeted `Linear` modules for `LoRALinear`s that share their weights.
+outside the model file, by swapping the targeted `nn.Linear` modules for `LoRALinear`s that share their weights.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from jojo.errors import JojoError
-from jojo.model import Linear
 
 # Target names -> module-path suffixes. "proj" is attention's output projection (the usual LoRA choice).
 TARGETS = {
@@ -34,8 +33,8 @@ TARGETS = {
 }
 
 
-class LoRALinear(Linear):
-    """A `Linear` whose weight and bias are the frozen base layer's own tensors, plus a trainable low-rank
+class LoRALinear(nn.Linear):
+    """An `nn.Linear` whose weight and bias are the frozen base layer's own tensors, plus a trainable low-rank
     update. State-dict names of the base tensors are unchanged (`...qkv.weight`); the adapters add
     `...qkv.lora_A` / `...qkv.lora_B`."""
 
@@ -108,9 +107,9 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold the adapters into the weights in place and put plain `Linear` layers back."""
+    """Fold the adapters into the weights in place and put plain `nn.Linear` layers back."""
     for name, m in lora_modules(model).items():
-        plain = Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device)
+        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device)
         plain.weight.copy_(m.weight + m.delta().to(m.weight.dtype))
         if m.bias is not None:
             plain.bias.copy_(m.bias)

@@ -143,13 +143,11 @@ class Monitor:
     def sample(self, step: int, model, tokenizer) -> str:
         """A short sample (temperature 0.8, top-k 50, its own seeded generator) from an <|endoftext|> prompt."""
         from jojo.infer.engine import SamplingConfig, generate
-        from jojo.model import free_decode_copies
 
         was_training = model.training
         model.eval()
         sc = SamplingConfig(max_tokens=self.sample_tokens, temperature=0.8, top_k=50, seed=step)
         ids = generate(model, [tokenizer.eot_id], sc, tokenizer.vocab_size, stop_ids={tokenizer.eot_id})
-        free_decode_copies(model)  # the next optimizer step makes them stale; do not carry them through training
         model.train(was_training)
         text = tokenizer.decode(ids)
         if self.tb:

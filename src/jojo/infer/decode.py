@@ -1,0 +1,187 @@
+"""Fast one-row decoding on CPU: a conversion applied to a model loaded for inference, never to the architecture.
+
+Decoding one token multiplies a single row by every weight matrix: a memory-bound matrix-vector product whose
+speed depends on the kernel and the CPU far more than on anything else. Three ways of computing y = x W^T for
+one row x, each best somewhere:
+
+- ``linear``: `F.linear(x, W)` on the weight as stored, [out, in] (MKL/oneDNN's GEMV);
+- ``matmul``: `x @ Wt` with the weight pre-transposed to a contiguous [in, out] (a plain row-major GEMV: 31.9 µs
+  against F.linear's 48.9 µs for a 384x1536 layer on an Intel Xeon VM with AMX);
+- ``bag``: the same product as a weighted sum of the rows of Wt, `embedding_bag(mode="sum",
+  per_sample_weights=x)`, FBGEMM's kernel, with the rows cut into one bag per thread and the partial sums added
+  (0.9 ms for a 12M-parameter gpt2's 25 products per token on the AMD EPYC VM of BENCHMARKS.md, against 3.1 ms
+  with F.linear: 3x; but slower than F.linear on that Xeon).
+
+So `convert_for_decoding(model)` times the candidates once, on the model's own weight shapes and this machine's
+threads (a few milliseconds), and gives each linear layer the winner for its shape. A converted layer keeps its
+parameter names and values: when the winner needs the transposed layout, the weight becomes a view of the
+transposed copy (one storage, so memory is not doubled, and an in-place change of the weight is seen by both).
+SwiGLU's gate and up read the same input: they are laid side by side in one copy, one product for both.
+
+A converted model is for inference only (its parameters no longer require gradients). The conversion applies to
+float32 models on CPU; on other devices or dtypes it returns the model unchanged. Batches of several rows
+(prefill, batched decoding) take `F.linear` on the same storage.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from jojo.model import GPT, SwiGLU
+
+KERNELS = ("linear", "matmul", "bag")
+_FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines  # x86 builds: FBGEMM's embedding-bag kernels
+_BAG_LAYOUTS: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _bag_layout(n_rows: int, parts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices 0..n_rows-1 cut into `parts` bags of consecutive rows (the bag offsets), made once per shape."""
+    key = (n_rows, parts)
+    if key not in _BAG_LAYOUTS:
+        offsets = torch.tensor([k * n_rows // parts for k in range(parts)])
+        _BAG_LAYOUTS[key] = (torch.arange(n_rows), offsets)
+    return _BAG_LAYOUTS[key]
+
+
+def one_row(wt: torch.Tensor, x: torch.Tensor, kernel: str) -> torch.Tensor:
+    """x (numel == in) @ wt ([in, out], contiguous) -> [out], by the `matmul` or `bag` kernel."""
+    if kernel == "matmul":
+        return x.reshape(1, -1).mm(wt)[0]
+    parts = min(torch.get_num_threads(), wt.shape[0])
+    indices, offsets = _bag_layout(wt.shape[0], parts)
+    # torch.embedding_bag is the op F.embedding_bag calls after its argument checks (which cost 3x the op itself
+    # at this size): weight, indices, offsets, scale_grad_by_freq, mode 0 = sum, sparse, per_sample_weights,
+    # include_last_offset, padding_idx. It returns (sums, and three bookkeeping tensors).
+    y = torch.embedding_bag(wt, indices, offsets, False, 0, False, x.reshape(-1), False, None)[0]
+    return y.sum(0) if parts > 1 else y[0]
+
+
+class DecodeLinear(nn.Linear):
+    """An `nn.Linear` whose one-row product runs the kernel chosen for its shape. With `matmul` or `bag` the
+    weight parameter is a view of `wt`, the contiguous transposed copy [in, out], so both always agree."""
+
+    kernel: str = "linear"
+    wt: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wt is not None and x.numel() == x.shape[-1]:
+            y = one_row(self.wt, x, self.kernel)
+            if self.bias is not None:
+                y = y.add_(self.bias)
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
+class DecodeSwiGLU(nn.Module):
+    """SwiGLU with gate and up as one [in, 2 * hidden] product (views keep `gate.weight` and `up.weight`)."""
+
+    def __init__(self, mlp: SwiGLU, kernel: str):
+        super().__init__()
+        self.gate, self.up, self.proj = mlp.gate, mlp.up, mlp.proj
+        self.kernel = kernel
+        hidden = mlp.gate.out_features
+        with torch.no_grad():
+            self.wt = torch.cat([mlp.gate.weight.t(), mlp.up.weight.t()], dim=1).contiguous()
+            self.gate.weight = nn.Parameter(self.wt[:, :hidden].t(), requires_grad=False)
+            self.up.weight = nn.Parameter(self.wt[:, hidden:].t(), requires_grad=False)
+        biases = (mlp.gate.bias, mlp.up.bias)
+        self.bias = torch.cat(biases) if all(b is not None for b in biases) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == x.shape[-1] and self.kernel != "linear":
+            both = one_row(self.wt, x, self.kernel)
+        else:
+            both = x @ self.wt
+        if self.bias is not None:
+            both = both + self.bias
+        gate, up = both.view(*x.shape[:-1], 2, -1).unbind(-2)
+        return self.proj(F.silu(gate) * up)
+
+
+def _time(fn, reps: int = 30) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def pick_kernel(weight: torch.Tensor, candidates: tuple[str, ...] = KERNELS) -> tuple[str, dict[str, float]]:
+    """The fastest one-row kernel for a weight of this shape on this machine, and each candidate's median time."""
+    x = torch.randn(1, weight.shape[1])
+    wt = weight.detach().t().contiguous()
+    run = {
+        "linear": lambda: F.linear(x, weight),
+        "matmul": lambda: one_row(wt, x, "matmul"),
+        "bag": lambda: one_row(wt, x, "bag"),
+    }
+    usable = [k for k in candidates if k != "bag" or _FBGEMM]
+    with torch.inference_mode():
+        times = {k: _time(run[k]) for k in usable}
+    return min(times, key=times.get), times
+
+
+def _convert_linear(layer: nn.Linear, kernel: str) -> DecodeLinear:
+    new = DecodeLinear.__new__(DecodeLinear)
+    nn.Module.__init__(new)
+    new.in_features, new.out_features = layer.in_features, layer.out_features
+    new.kernel = kernel
+    with torch.no_grad():
+        if kernel == "linear":
+            new.weight = nn.Parameter(layer.weight.detach(), requires_grad=False)
+        else:
+            new.wt = layer.weight.detach().t().contiguous()
+            new.weight = nn.Parameter(new.wt.t(), requires_grad=False)
+    new.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
+    return new
+
+
+def convert_for_decoding(model: GPT, kernel: str = "auto") -> GPT:
+    """Convert `model` in place for fast one-row decoding on CPU (see the module docstring); returns it.
+
+    kernel: "auto" times the candidates per weight shape; or force one of KERNELS for every layer. Models on other
+    devices or dtypes, and models already converted, are returned unchanged."""
+    p = model.wte.weight
+    if p.device.type != "cpu" or p.dtype != torch.float32 or getattr(model, "decode_kernels", None) is not None:
+        return model
+    if kernel != "auto" and kernel not in KERNELS:
+        raise ValueError(f"unknown decode kernel {kernel!r}; choose auto or one of {', '.join(KERNELS)}")
+    model.eval()
+    for q in model.parameters():
+        q.requires_grad_(False)
+    chosen: dict[tuple[int, int], str] = {}
+
+    def choose(weight: torch.Tensor) -> str:
+        shape = tuple(weight.shape)
+        if shape not in chosen:
+            chosen[shape] = kernel if kernel != "auto" else pick_kernel(weight)[0]
+        return chosen[shape]
+
+    tied = model.config.tie_embeddings
+    for block in model.blocks:
+        if isinstance(block.mlp, SwiGLU):
+            both = torch.cat([block.mlp.gate.weight, block.mlp.up.weight]).detach()  # [2 * hidden, in]
+            block.mlp = DecodeSwiGLU(block.mlp, choose(both))
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                if tied and child is model.lm_head:
+                    # the head is the embedding table: a transposed copy would double it, so keep F.linear unless
+                    # another kernel wins (then the copy is the price of the speed; the embedding keeps its own)
+                    k = choose(child.weight)
+                    new = _convert_linear(child, k)
+                    if k == "linear":
+                        new.weight = model.wte.weight
+                    setattr(module, child_name, new)
+                else:
+                    setattr(module, child_name, _convert_linear(child, choose(child.weight)))
+    model.decode_kernels = {f"{o}x{i}": k for (o, i), k in chosen.items()}
+    return model
