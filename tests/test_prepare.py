@@ -239,7 +239,7 @@ def test_interrupted_run_leaves_no_meta(tmp_path, tokenizer):
 
 
 # ---- the command line --------------------------------------------------------------------------------
-def test_cli_prepare_template_and_eval(tmp_path, capsys):
+def test_cli_prepare_template_and_eval(tmp_path, capsys, monkeypatch):
     rows = [{"instruction": f"Say {w}", "output": f"{w}!"} for w in ("hi", "yes", "no", "ok") for _ in range(40)]
     rows = [dict(r, instruction=f"{r['instruction']} #{i}") for i, r in enumerate(rows)]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -255,8 +255,10 @@ def test_cli_prepare_template_and_eval(tmp_path, capsys):
     assert all("\n" in d and d.endswith("!") for d in train_docs)
     assert cli.main(args) == 0 and "cache hit" in capsys.readouterr().out
     assert cli.main(["prepare", "--list"]) == 0 and "fineweb-edu" in capsys.readouterr().out
-    assert cli.main(["prepare", "--source", str(tmp_path / "a.jsonl")]) == 2
-    assert "--out" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # without --out, the shards go to data/<source name>
+    no_out = [a for a in args if a not in ("--out", str(out))]
+    assert cli.main(no_out) == 0 and "prepared -> data/a" in capsys.readouterr().out
+    assert load_meta(tmp_path / "data" / "a")["splits"]["train"]["docs"] == meta["splits"]["train"]["docs"]
 
     other = train_tokenizer([r["instruction"] for r in rows] * 3, 280).save(tmp_path / "other.json")
     code = cli.main(["tokenizer", "eval", "--tokenizer", str(out), "--compare", str(other), "--input",

@@ -41,7 +41,7 @@ def base_ckpt(tmp_path_factory, tokenizer) -> Path:
 
 def sft_cfg(out: Path, **sections):
     tree = {
-        "data": {"batch_size": 4},
+        "data": {"batch_size": 4, "embedded_chats": 120},
         "optimizer": {"lr": 3e-3, "weight_decay": 0.0},
         "schedule": {"max_steps": 6, "warmup_steps": 1},
         "system": {"device": "cpu", "seed": 3},
@@ -174,7 +174,7 @@ def test_alpaca_json_array(tmp_path, tokenizer):
 # ---- training through fit, full and LoRA ---------------------------------------------------------------
 def test_sft_runs_through_fit_from_the_checkpoint(tmp_path, base_ckpt):
     out = tmp_path / "sft"
-    result = run_sft(sft_cfg(out), str(base_ckpt), embedded_n=120, quiet=True, say=lambda s: None)
+    result = run_sft(sft_cfg(out), str(base_ckpt), quiet=True, say=lambda s: None)
     assert result.fit.step == 6 and result.data.train and result.data.val
     assert 0 < result.stats["trained_fraction"] < 1
     model, tok, state = load_checkpoint(out)
@@ -192,7 +192,7 @@ def test_sft_resume_is_bit_identical_to_uninterrupted(tmp_path, base_ckpt):
 
     from jojo.checkpoint import resolve_checkpoint
 
-    quiet = dict(embedded_n=120, quiet=True, say=lambda s: None)
+    quiet = dict(quiet=True, say=lambda s: None)
     full = tmp_path / "full"
     run_sft(sft_cfg(full, logging={"keep_last": 10}), str(base_ckpt), **quiet)
     steps = sorted(p.name for p in full.glob("step-*"))
@@ -213,7 +213,7 @@ def test_sft_resume_is_bit_identical_to_uninterrupted(tmp_path, base_ckpt):
 
 
 def test_sft_resume_errors(tmp_path, base_ckpt):
-    quiet = dict(embedded_n=120, quiet=True, say=lambda s: None)
+    quiet = dict(quiet=True, say=lambda s: None)
     with pytest.raises(JojoError, match="nothing to resume"):
         run_sft(sft_cfg(tmp_path / "none"), None, resume=True, **quiet)
     with pytest.raises(JojoError, match="not an SFT checkpoint"):
@@ -263,7 +263,7 @@ def test_lora_trains_only_adapters_and_merges_exactly(tokenizer):
 def test_lora_sft_checkpoint_is_plain_merged_weights(tmp_path, base_ckpt):
     out = tmp_path / "lora"
     cfg = sft_cfg(out, lora={"rank": 4, "targets": "qkv,proj"})
-    result = run_sft(cfg, str(base_ckpt), embedded_n=120, quiet=True, say=lambda s: None)
+    result = run_sft(cfg, str(base_ckpt), quiet=True, say=lambda s: None)
     assert result.lora["trainable"] < result.lora["total"] / 4
     model, _, state = load_checkpoint(out)  # loads strictly into a plain GPT
     base, _, _ = load_checkpoint(base_ckpt)

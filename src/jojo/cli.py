@@ -55,6 +55,12 @@ def _add_export_commands(sub) -> None:
     up.add_argument("--gguf", choices=["f32", "f16", "q8_0"], help="also upload a GGUF file of this type")
 
 
+def _config_help(preset: str) -> str:
+    from jojo.config import config_help
+
+    return config_help(preset)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jojo", description="Build a language model from scratch, end to end.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,17 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true", help="rebuild, even over shards of another tokenizer")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    run_help = "options of the run (each a config field: --section.key=value or --section.key value):"
     tr = sub.add_parser(
         "train",
         help="pretrain or continue training a model",
-        description="Overrides: --section.key=value (sections: model, data, optimizer, schedule, system, logging) "
-        "or the flat flags --dataset --epochs --max-iters --max-tokens --batch-size (a number or auto) --global-batch "
-        "--learning-rate --eval-interval --log-interval --checkpoint-interval --checkpoint-minutes --patience --seed "
-        "--device --dtype --compile --fsdp --tensorboard --wandb --output-checkpoint. Several processes: "
-        "torchrun --nproc_per_node=N -m jojo.cli train ...",
+        description="Pretrain a model on a prepared dataset with one config: a preset or JSON file (--config), then "
+        "any option below. Several processes: torchrun --nproc_per_node=N -m jojo.cli train ...",
+        epilog=f"{run_help}\n\n{_config_help('tiny')}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
-    tr.add_argument("--config", default="tiny", help="JSON config file or preset name (configs/)")
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    tr.add_argument("--config", default=None, help="JSON config file or preset name (default tiny)")
+    tr.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its latest checkpoint, with its config"
+    )
     tr.add_argument("--init-from", help="start from this checkpoint's weights (fresh optimizer and step)")
     tr.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
     tr.add_argument("--save-config", help="write the resolved config to this JSON file and exit")
@@ -155,23 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
     sf = sub.add_parser(
         "sft",
         help="fine-tune a pretrained checkpoint on conversations (chat SFT), fully or with LoRA",
-        description="Trains with the same loop as `jojo train`; the loss counts assistant turns only. Data: "
-        '--data embedded (Jojo\'s synthetic chats, default), or JSONL/JSON files of {"messages": [...]} / '
+        description="Trains with the same loop as `jojo train`; the loss counts assistant turns only. Data (--data): "
+        "'embedded' (Jojo's synthetic chats, the default) or JSONL/JSON/Parquet files of {\"messages\": [...]} / "
         '{"conversations": [...]} (system/user/assistant) or Alpaca records (instruction/input/output). '
-        "Overrides as in `jojo train`: --section.key=value, --max-iters, --epochs, --learning-rate, "
-        "--batch-size, --packing/--no-packing, --lora-rank R, --lora-alpha A, --lora-targets qkv,proj,...",
+        "jojo sft CKPT --data FILE --out DIR; after Ctrl+C, jojo sft --resume --out DIR continues with the run's own "
+        "config.",
+        epilog=f"{run_help}\n\n{_config_help('sft-tiny')}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     # `jojo sft CKPT [options]`: the checkpoint may come first instead of --init-from. It is not an argparse
     # positional: the overrides pass through unparsed, and `--out X` would hand X to a positional.
     sf.add_argument("--init-from", help="the pretrained checkpoint or run directory (or give it first: jojo sft CKPT)")
-    sf.add_argument("--config", default="sft-tiny", help="JSON config file or preset name (default sft-tiny)")
-    sf.add_argument("--data", help="'embedded' or a conversation/Alpaca file, folder or glob (sets data.dataset)")
-    sf.add_argument("--format", dest="data_format", default="auto", choices=["auto", "chatml", "alpaca"])
-    sf.add_argument("--on-bad", default="skip", choices=["skip", "error"], help="bad conversations: skip (counted)")
-    sf.add_argument("--val-fraction", type=float, default=0.05, help="conversations held out for validation")
-    sf.add_argument("--embedded-chats", type=int, default=8000, help="--data embedded: how many conversations")
+    sf.add_argument("--config", default=None, help="JSON config file or preset name (default sft-tiny)")
     sf.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its latest checkpoint (same data/options)"
+        "--resume", action="store_true", help="continue the run in --out from its latest checkpoint, with its config"
     )
     sf.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
 

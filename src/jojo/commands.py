@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -27,42 +28,36 @@ def _unescape(text: str | None) -> str | None:
 
 
 def cmd_prepare(args) -> None:
-    from jojo.data.prepare import prepare_corpus
-    from jojo.data.recipes import list_recipes, open_source
+    from jojo.api import prepare
+    from jojo.data.recipes import list_recipes
 
     if args.list:
         print(list_recipes())
         return
-    if not args.out:
-        raise JojoError("--out DIR is required: the folder for the shards and meta.json")
-    source = open_source(
+    result = prepare(
         args.source,
+        args.out,
         dataset=args.dataset,
         hf=args.hf,
         subset=args.subset,
         split=args.split,
-        fmt=args.format,
+        format=args.format,
         split_on=_unescape(args.split_on),
         field=args.field,
         template=_unescape(args.template),
-        docs=args.docs,
-        seed=args.seed,
-    )
-    meta, hit = prepare_corpus(
-        source,
-        args.out,
         tokenizer=args.tokenizer,
         vocab_size=args.vocab_size,
         tokenizer_sample_mb=args.tokenizer_sample_mb,
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
         seed=args.seed,
+        docs=args.docs,
         workers=args.workers,
-        max_docs=0 if source.description == EMBEDDED else (args.docs or 0),
         shard_tokens=args.shard_tokens,
         overwrite=args.overwrite,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
+    meta, hit = result.meta, result.cache_hit
     for split, info in meta["splits"].items():
         if split == "test" and not info["docs"]:
             continue
@@ -77,7 +72,7 @@ def cmd_prepare(args) -> None:
         )
     if build.get("encoder_note"):
         print(f"note: encoded with tokenizers, not tiktoken: {build['encoder_note']}")
-    print(f"prepared -> {args.out}")
+    print(f"prepared -> {result.path}")
 
 
 def cmd_tokenizer_eval(args) -> None:
@@ -118,26 +113,28 @@ def cmd_tokenizer_eval(args) -> None:
                 )
 
 
+def _show_config(cfg, args) -> bool:
+    """--show-config / --save-config: print or write the resolved config instead of running."""
+    if getattr(args, "save_config", None):
+        cfg.save(args.save_config)
+        print(f"config -> {args.save_config}")
+    if args.show_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+    return bool(args.show_config or getattr(args, "save_config", None))
+
+
 def cmd_train(args, rest: list[str]) -> None:
-    from jojo.config import load_config
-    from jojo.train.run import run_training
+    from jojo.api import pretrain, run_config
 
-    cfg = load_config(args.config, rest)
-    if args.show_config or args.save_config:
-        import json
-
-        if args.save_config:
-            cfg.save(args.save_config)
-            print(f"config -> {args.save_config}")
-        if args.show_config:
-            print(json.dumps(cfg.to_dict(), indent=2))
-        return
-    if args.dry_run:
+    if args.show_config or args.save_config or args.dry_run:
+        cfg = run_config(args.config, rest, default="tiny", resume=args.resume)
+        if _show_config(cfg, args):
+            return
         from jojo.train.run import dry_run
 
         dry_run(cfg, init_from=args.init_from)
         return
-    result = run_training(cfg, resume=args.resume, init_from=args.init_from)
+    result = pretrain(args.config, overrides=rest, resume=args.resume, init_from=args.init_from)
     if int(os.environ.get("RANK", "0")):  # under torchrun, rank 0 alone reports
         return
     bpb = f", val {result.val_bpb:.4f} bpb" if result.val_bpb is not None else ""
@@ -149,53 +146,50 @@ def cmd_train(args, rest: list[str]) -> None:
 
 
 def cmd_sft(args, rest: list[str]) -> None:
-    from jojo.config import load_config
-    from jojo.train.sft import run_sft
+    from jojo.api import finetune, run_config
 
     init_from = args.init_from
     if rest and not rest[0].startswith("--"):  # `jojo sft CKPT ...`
         if init_from:
             raise JojoError(f"give the checkpoint once: first ({rest[0]}) or with --init-from ({init_from})")
         init_from, rest = rest[0], rest[1:]
-    rest = ["--data.packing=false" if a == "--no-packing" else a for a in rest]
-    overrides = rest + (["--data.dataset", args.data] if args.data else [])
-    cfg = load_config(args.config, overrides)
     if args.show_config:
-        import json
-
-        print(json.dumps(cfg.to_dict(), indent=2))
+        _show_config(run_config(args.config, rest, default="sft-tiny", resume=args.resume), args)
         return
-    result = run_sft(
-        cfg,
-        init_from,
-        data_format=args.data_format,
-        on_bad=args.on_bad,
-        val_fraction=args.val_fraction,
-        embedded_n=args.embedded_chats,
-        resume=args.resume,
-    )
+    result = finetune(init_from, config=args.config, overrides=rest, resume=args.resume)
     fit = result.fit
     state = "interrupted and saved" if fit.interrupted else "done"
     print(f"{state}: step {fit.step}, val loss {fit.val_loss:.4f} (assistant tokens) -> {fit.run_dir}")
     print(f"next: jojo chat {fit.run_dir}")
 
 
+def _sampling(args) -> dict:
+    return dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
 def cmd_chat(args) -> None:
-    from jojo.infer.chat import chat_main
+    from jojo.api import LM
+    from jojo.infer.chat import chat_repl
     from jojo.infer.engine import SamplingConfig
 
-    sc = SamplingConfig(args.max_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
-    chat_main(args.checkpoint, sc, system=args.system, device=args.device)
+    sc = SamplingConfig(**_sampling(args))  # checked before the model loads
+    lm = LM.load(args.checkpoint, args.device)
+    label = f"{lm.path} (step {lm.state.get('step', '?')})"
+    chat_repl(lm.model, lm.tokenizer, sc, system=args.system, label=label)
 
 
 def cmd_generate(args) -> None:
-    import torch
+    from jojo.api import LM
+    from jojo.infer.engine import SamplingConfig
 
-    from jojo.checkpoint import load_checkpoint
-    from jojo.device import pick_device
-    from jojo.infer.engine import SamplingConfig, TextStreamer, generate_stream
-
-    sc = SamplingConfig(args.max_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
+    SamplingConfig(**_sampling(args))  # checked before the model loads
     if args.num_samples < 1:
         raise JojoError("--num-samples must be >= 1")
     if args.prompt_file:
@@ -205,27 +199,29 @@ def cmd_generate(args) -> None:
         prompt = path.read_text(encoding="utf-8")
     else:
         prompt = args.prompt if args.prompt is not None else ""
-    device = pick_device(args.device)
-    model, tok, _ = load_checkpoint(args.checkpoint, device)
-    prompt_ids = tok.encode(prompt) if prompt else [tok.eot_id]  # no prompt: start a fresh document
-    generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
+    lm = LM.load(args.checkpoint, args.device)
+    gen = lm.generator
+    ids = gen.prompt_ids(prompt)
+    if len(ids) >= lm.config.block_size:
+        raise JojoError(
+            f"the prompt is {len(ids)} tokens but the model's context is {lm.config.block_size}; shorten the prompt"
+        )
+    sc = SamplingConfig(**_sampling(args))
+    generator = gen.generator(args.seed)  # one random stream over all the samples
     samples = []
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---", flush=True)
-        streamer = TextStreamer(tok)
         if not args.no_stream:
             print(prompt, end="", flush=True)
-        for token in generate_stream(model, prompt_ids, sc, tok.vocab_size, {tok.eot_id}, generator=generator):
-            piece = streamer.push(token)
-            if piece and not args.no_stream:
+        pieces = []
+        for piece in gen.stream(ids, sc, generator=generator):
+            pieces.append(piece)
+            if not args.no_stream:
                 print(piece, end="", flush=True)
-        tail = streamer.flush()
-        text = prompt + tok.decode(streamer.ids)
+        text = prompt + "".join(pieces)
         if args.no_stream:
             print(text, end="")
-        elif tail:
-            print(tail, end="")
         print(flush=True)
         samples.append(text)
     if args.output:

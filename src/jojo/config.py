@@ -35,6 +35,13 @@ def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
         raise JojoError(f"invalid value {value!r} for '{key}'; it must be {'>= 0' if allow_zero else '> 0'}")
 
 
+def opt(default, help: str, **kw):
+    """A config field with its one-line description (the --help text of `jojo train` and `jojo sft`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
 # The families are named presets of the model's parts: the value each part takes when the config leaves it None.
 FAMILY_PARTS = {
     "gpt2": {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "tie_embeddings": True},
@@ -49,22 +56,22 @@ class ModelConfig:
     `family` names the preset that fills the parts left as None, resolved in __post_init__, so a saved config is
     always explicit. A GPT-2 block with RoPE and RMSNorm is `family=gpt2, positions=rope, norm=rmsnorm`."""
 
-    family: str = "gpt2"
-    vocab_size: int = 50304
-    block_size: int = 1024  # context length in tokens
-    n_layer: int = 12
-    n_head: int = 12
-    n_kv_head: int | None = None  # grouped-query attention when < n_head; None -> n_head
-    n_embd: int = 768
-    positions: str | None = None  # learned (a position table) | rope (rotary); None -> the family's
-    norm: str | None = None  # layernorm | rmsnorm; None -> the family's
-    mlp: str | None = None  # gelu | swiglu; None -> the family's
-    mlp_hidden: int | None = None  # gelu: 4*n_embd; swiglu: ~8/3*n_embd rounded up to a multiple of 64
-    bias: bool | None = None  # biases in linear layers and LayerNorm (gpt2: True; llama: False)
-    tie_embeddings: bool | None = None  # lm_head shares the token embedding (gpt2: True; llama: False)
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    dropout: float = 0.0
+    family: str = opt("gpt2", "gpt2 or llama: the preset that fills the parts left unset")
+    vocab_size: int = opt(50304, "embedding rows (sized from the tokenizer when smaller, padded to a multiple of 64)")
+    block_size: int = opt(1024, "context length in tokens")
+    n_layer: int = opt(12, "transformer blocks")
+    n_head: int = opt(12, "attention heads")
+    n_kv_head: int | None = opt(None, "key/value heads (grouped-query attention when < n_head); unset = n_head")
+    n_embd: int = opt(768, "width of the residual stream")
+    positions: str | None = opt(None, "learned (a position table) or rope (rotary); unset = the family's")
+    norm: str | None = opt(None, "layernorm or rmsnorm; unset = the family's")
+    mlp: str | None = opt(None, "gelu or swiglu; unset = the family's")
+    mlp_hidden: int | None = opt(None, "MLP width; unset = 4 x n_embd (gelu) or ~8/3 x n_embd rounded to 64 (swiglu)")
+    bias: bool | None = opt(None, "biases in linear layers and LayerNorm; unset = the family's (gpt2 yes, llama no)")
+    tie_embeddings: bool | None = opt(None, "the output head shares the token embedding; unset = the family's")
+    norm_eps: float = opt(1e-5, "epsilon of the norms")
+    rope_theta: float = opt(10000.0, "RoPE base frequency")
+    dropout: float = opt(0.0, "dropout probability (0 for pretraining small models)")
 
     def __post_init__(self) -> None:
         _check_choice("model.family", self.family, FAMILIES)
@@ -100,29 +107,38 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = ""  # a prepared data directory (train.bin/val.bin/meta.json), made by `jojo prepare`
-    batch_size: int = 8  # micro-batch rows per device per step; 0 ("auto" on the command line): largest that fits
-    global_batch: int = 0  # rows per optimizer step over all ranks and micro-steps, kept by batch_size auto
-    doc_aligned: bool = False  # every row starts at a document start
-    packing: bool = True  # SFT: several conversations per row (no attention across them), else one per row
+    dataset: str = opt("", "a folder made by `jojo prepare` (train); SFT: 'embedded' or conversation files")
+    batch_size: int = opt(8, "micro-batch rows per device per step; 'auto' (CUDA): the largest that fits")
+    global_batch: int = opt(0, "rows per optimizer step over all ranks and micro-steps (sets grad_accum); 0 = off")
+    doc_aligned: bool = opt(False, "every training row starts at a document start")
+    packing: bool = opt(True, "SFT: several conversations per row (no attention across them), else one per row")
+    format: str = opt("auto", "SFT data format: auto, chatml (messages/conversations), alpaca or qa")
+    on_bad: str = opt("skip", "SFT: a bad conversation is skipped and counted (skip) or stops the run (error)")
+    val_fraction: float = opt(0.05, "SFT: fraction of the conversations held out for validation")
+    embedded_chats: int = opt(8000, "SFT on 'embedded' data: how many synthetic conversations to generate")
 
     def __post_init__(self) -> None:
         _check_positive("data.batch_size", self.batch_size, allow_zero=True)
         _check_positive("data.global_batch", self.global_batch, allow_zero=True)
+        _check_choice("data.format", self.format, ("auto", "chatml", "alpaca", "qa"))
+        _check_choice("data.on_bad", self.on_bad, ("skip", "error"))
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise JojoError(f"invalid value {self.val_fraction!r} for 'data.val_fraction'; it must be in [0, 1)")
+        _check_positive("data.embedded_chats", self.embedded_chats)
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"
-    lr: float = 6e-4
-    weight_decay: float = 0.1  # applied to matrices only (embeddings and linear weights), never norms/biases
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables
-    grad_accum: int = 1
-    muon_lr: float = 0.02
-    muon_momentum: float = 0.95
+    name: str = opt("adamw", "adamw, or muon (Muon for hidden matrices, AdamW for the rest)")
+    lr: float = opt(6e-4, "peak learning rate (AdamW)")
+    weight_decay: float = opt(0.1, "applied to matrices only (embeddings, linear weights), never norms or biases")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 = off")
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
+    muon_lr: float = opt(0.02, "Muon's learning rate for hidden matrices")
+    muon_momentum: float = opt(0.95, "Muon's momentum")
 
     def __post_init__(self) -> None:
         _check_choice("optimizer.name", self.name, ("adamw", "muon"))
@@ -137,13 +153,13 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
-    max_steps: int = 0  # optimizer steps; 0 = derive from epochs or max_tokens
-    epochs: float = 0.0
-    max_tokens: int = 0
-    warmup_steps: int = 100
-    decay: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
-    decay_fraction: float = 0.2  # wsd: fraction of the run spent decaying
-    min_lr_ratio: float = 0.1
+    max_steps: int = opt(0, "optimizer steps; 0 = derived from epochs or max_tokens")
+    epochs: float = opt(0.0, "passes over the training split (when max_steps is 0)")
+    max_tokens: int = opt(0, "training tokens (when max_steps and epochs are 0)")
+    warmup_steps: int = opt(100, "linear learning-rate warm-up steps")
+    decay: str = opt("cosine", "cosine, wsd (warmup-stable-decay) or constant")
+    decay_fraction: float = opt(0.2, "wsd: fraction of the run spent decaying")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of the peak")
 
     def __post_init__(self) -> None:
         _check_choice("schedule.decay", self.decay, ("cosine", "wsd", "constant"))
@@ -161,13 +177,13 @@ class ScheduleConfig:
 
 @dataclass
 class SystemConfig:
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (autocast); auto = bf16 on capable GPUs, else fp32
-    compile: bool = False  # torch.compile the model (worth it on GPUs; minutes of compiling on a CPU)
-    fsdp: bool = False  # under torchrun on GPUs: shard parameters/grads/optimizer state (FSDP2) instead of DDP
-    tf32: bool = True  # CUDA float32 matmuls/convolutions on TF32 tensor cores
-    seed: int = 1337
-    threads: int = 0  # CPU threads for torch; 0 = torch's default
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    dtype: str = opt("auto", "autocast dtype: auto (bf16 on capable GPUs, else float32), float32, bfloat16, float16")
+    compile: bool = opt(False, "torch.compile the model (worth it on GPUs; minutes of compiling on a CPU)")
+    fsdp: bool = opt(False, "under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP")
+    tf32: bool = opt(True, "CUDA float32 matmuls on TF32 tensor cores")
+    seed: int = opt(1337, "random seed (weights, data order)")
+    threads: int = opt(0, "CPU threads for torch; 0 = torch's default")
 
     def __post_init__(self) -> None:
         _check_choice("system.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
@@ -179,19 +195,19 @@ class SystemConfig:
 
 @dataclass
 class LoggingConfig:
-    out_dir: str = "runs/jojo"
-    log_interval: int = 10
-    eval_interval: int = 100
-    eval_iters: int = 20  # batches per validation; 0 = the whole validation split
-    checkpoint_interval: int = 0  # steps; 0 = only at evaluations and at the end
-    checkpoint_minutes: float = 0.0
-    keep_last: int = 2
-    progress: bool = True
-    patience: int = 0  # early stopping: stop after this many evaluations without a better val loss; 0 = never
-    tensorboard: bool = False  # scalars and sampled text in OUT_DIR/tensorboard
-    wandb: bool = False  # Weights & Biases (pip install wandb; WANDB_MODE=offline works without an account)
-    wandb_project: str = "jojo"
-    sample_tokens: int = 48  # tokens of the text sample generated at each evaluation (tensorboard/wandb); 0 = none
+    out_dir: str = opt("runs/jojo", "the run directory: checkpoints, metrics.jsonl, loss.png")
+    log_interval: int = opt(10, "steps between train-loss log lines")
+    eval_interval: int = opt(100, "steps between evaluations (each also saves a checkpoint)")
+    eval_iters: int = opt(20, "validation batches per evaluation; 0 = the whole validation split")
+    checkpoint_interval: int = opt(0, "steps between extra checkpoints; 0 = only at evaluations and the end")
+    checkpoint_minutes: float = opt(0.0, "also save every N minutes; 0 = off")
+    keep_last: int = opt(2, "numbered checkpoints kept (plus latest and best)")
+    progress: bool = opt(True, "a progress bar on a terminal")
+    patience: int = opt(0, "stop after this many evaluations without a better val loss; 0 = never")
+    tensorboard: bool = opt(False, "scalars and text samples in OUT/tensorboard")
+    wandb: bool = opt(False, "log to Weights & Biases (pip install wandb; WANDB_MODE=offline works offline)")
+    wandb_project: str = opt("jojo", "the W&B project")
+    sample_tokens: int = opt(48, "tokens of the text sample at each evaluation (tensorboard/wandb); 0 = none")
 
     def __post_init__(self) -> None:
         for key in ("log_interval", "eval_interval"):
@@ -204,11 +220,11 @@ class LoggingConfig:
 
 @dataclass
 class LoraConfig:
-    """Low-rank adapters (jojo.lora): rank 0 = off (every weight trains)."""
+    """Low-rank adapters (jojo.train.lora): rank 0 = off (every weight trains)."""
 
-    rank: int = 0
-    alpha: float = 0.0  # 0 = 2 * rank; the update is scaled by alpha / rank
-    targets: str = "qkv,proj"  # comma-separated: qkv, proj, attn, fc, gate, up, mlp_proj, mlp, lm_head
+    rank: int = opt(0, "LoRA rank; 0 = off (full fine-tuning)")
+    alpha: float = opt(0.0, "LoRA scale alpha (update x alpha / rank); 0 = 2 x rank")
+    targets: str = opt("qkv,proj", "layers with adapters: qkv, proj, attn, fc, gate, up, mlp_proj, mlp, lm_head")
 
     def __post_init__(self) -> None:
         _check_positive("lora.rank", self.rank, allow_zero=True)
@@ -265,6 +281,11 @@ FLAT_FLAGS = {
     "lora-rank": "lora.rank",
     "lora-alpha": "lora.alpha",
     "lora-targets": "lora.targets",
+    "data": "data.dataset",
+    "format": "data.format",
+    "on-bad": "data.on_bad",
+    "val-fraction": "data.val_fraction",
+    "embedded-chats": "data.embedded_chats",
 }
 
 
@@ -367,6 +388,8 @@ def parse_overrides(args: list[str]) -> dict:
                 i += 1
             else:
                 value = "true"  # a bare boolean flag
+        if not eq and name.startswith("no-") and _is_bool_key(FLAT_FLAGS.get(name[3:], name[3:].replace("-", "_"))):
+            name, value = name[3:], "false"  # --no-packing, --no-compile, --no-data.packing
         dotted = FLAT_FLAGS.get(name, name.replace("-", "_"))
         if "." not in dotted:
             allowed = sorted(FLAT_FLAGS) + [f.name + ".KEY" for f in dataclasses.fields(TrainConfig)]
@@ -378,11 +401,46 @@ def parse_overrides(args: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def _is_bool_key(dotted: str) -> bool:
+    section, _, key = dotted.partition(".")
+    sections = _field_types(TrainConfig)
+    if section not in sections or not dataclasses.is_dataclass(sections[section]):
+        return False
+    typ = _field_types(sections[section]).get(key)
+    return typ is bool or (typing.get_origin(typ) in (typing.Union, types.UnionType) and bool in typing.get_args(typ))
+
+
+def overrides_from_kwargs(kwargs: dict) -> dict:
+    """Python keyword arguments -> an override tree: flat names (`max_iters=200`, `batch_size=8`, as the command
+    line's --max-iters), section dicts (`optimizer={"lr": 1e-3}`) or section__key (`model__n_layer=6`)."""
+    tree: dict = {}
+    sections = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name, value in kwargs.items():
+        if name in sections and isinstance(value, dict):
+            tree = merge_overrides(tree, {name: value})
+            continue
+        flat = name.replace("_", "-")
+        if flat in FLAT_FLAGS:
+            dotted = FLAT_FLAGS[flat]
+        elif "__" in name:
+            dotted = name.replace("__", ".", 1)
+        else:
+            close = difflib.get_close_matches(flat, sorted(FLAT_FLAGS), n=1)
+            hint = f" (did you mean '{close[0].replace('-', '_')}'?)" if close else ""
+            raise JojoError(
+                f"unknown option '{name}'{hint}; use a flat name (max_iters, batch_size, lr, ...), a section dict "
+                "(optimizer={'lr': 1e-3}) or section__key (model__n_layer=6)"
+            )
+        _set_dotted(tree, dotted, value)
+    return tree
+
+
+def merge_overrides(base: dict, extra: dict) -> dict:
+    """`extra` laid over `base`, section by section (neither is changed)."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_overrides(out[key], value)
         else:
             out[key] = value
     return out
@@ -428,9 +486,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         tree = read_json(resolve_config_path(path), "config file")
     if overrides:
         extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
-        tree = _merge(tree, extra)
+        tree = merge_overrides(tree, extra)
     return config_from_dict(tree)
 
 
 def model_config_from_dict(values: dict) -> ModelConfig:
     return _build(ModelConfig, values, "model.")
+
+
+def config_help(preset: str | None = None) -> str:
+    """Every option of a run, from the config fields: `--section.key TYPE  description (default ...)`, with the
+    flat aliases beside their keys. The defaults shown are the preset's (what a run without --config gets)."""
+    defaults = load_config(preset) if preset else TrainConfig()
+    aliases: dict[str, list[str]] = {}
+    for flat, dotted in FLAT_FLAGS.items():
+        aliases.setdefault(dotted, []).append(f"--{flat}")
+    lines = []
+    for section in dataclasses.fields(TrainConfig):
+        cls = section.type if dataclasses.is_dataclass(section.type) else _field_types(TrainConfig)[section.name]
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(cls):
+            dotted = f"{section.name}.{f.name}"
+            typ = _field_types(cls)[f.name]
+            base = next((a for a in typing.get_args(typ) if a is not type(None)), typ)
+            value = getattr(getattr(defaults, section.name), f.name)
+            shown = json.dumps(value) if not isinstance(value, str) else (repr(value) if value else "''")
+            names = ", ".join([f"--{dotted}"] + aliases.get(dotted, []))
+            lines.append(f"  {names} {base.__name__.upper()}")
+            lines.append(f"      {f.metadata.get('help', '')} (default {shown})")
+    return "\n".join(lines)

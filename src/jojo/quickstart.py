@@ -21,20 +21,15 @@ import math
 import time
 from pathlib import Path
 
-import torch
-
-from jojo.checkpoint import load_checkpoint
+from jojo.api import LM, finetune, pretrain
 from jojo.config import load_config
 from jojo.data.loader import BatchLoader
 from jojo.data.prepare import prepare_records
 from jojo.data.synthetic import generate_corpus, heldout_questions, write_documents
-from jojo.device import pick_device
 from jojo.errors import JojoError
 from jojo.eval.lm import LN2, evaluate_loss
-from jojo.infer.engine import SamplingConfig, generate
-from jojo.tokenizer import Tokenizer, render_chat, train_tokenizer
-from jojo.train.run import run_training
-from jojo.train.sft import run_sft
+from jojo.infer.engine import SamplingConfig
+from jojo.tokenizer import train_tokenizer
 
 # Default budget (scale 1): sized for about five minutes in all on 2 CPU cores.
 CORPUS_DOCS = 12_000
@@ -50,32 +45,21 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def chat_prompt_ids(tok: Tokenizer, question: str) -> list[int]:
-    return [tok.eot_id] + tok.encode(render_chat([{"role": "user", "content": question}], add_generation_prompt=True))
-
-
-def answer(model, tok: Tokenizer, question: str, max_tokens: int = 48) -> str:
-    sc = SamplingConfig(max_tokens=max_tokens, temperature=0.0)
-    ids = generate(model, chat_prompt_ids(tok, question), sc, tok.vocab_size, stop_ids={tok.im_end_id, tok.eot_id})
-    return tok.decode(ids).strip()
-
-
-def chat_exact_match(model, tok: Tokenizer, questions) -> tuple[float, list[dict]]:
+def chat_exact_match(lm: LM, questions) -> tuple[float, list[dict]]:
+    """Greedy answers to held-out questions, each compared whole with the expected answer."""
     rows = []
     for qa in questions:
-        got = answer(model, tok, qa.question)
+        got = lm.chat([{"role": "user", "content": qa.question}], max_tokens=48, temperature=0).strip()
         rows.append({"question": qa.question, "expected": qa.answer, "answer": got, "ok": got == qa.answer})
     return sum(r["ok"] for r in rows) / max(len(rows), 1), rows
 
 
-def sample_stories(model, tok: Tokenizer, n: int = 3, seed: int = 0, max_tokens: int = 160) -> list[str]:
-    g = torch.Generator(device=model.wte.weight.device).manual_seed(seed)
+def sample_stories(lm: LM, n: int = 3, seed: int = 0, max_tokens: int = 160) -> list[str]:
+    """n stories from one seeded random stream (each continues the stream the previous one left)."""
+    gen = lm.generator
+    g = gen.generator(seed)
     sc = SamplingConfig(max_tokens=max_tokens, temperature=0.8, top_k=50)
-    prompt = [tok.eot_id] + tok.encode(STORY_PROMPT)
-    return [
-        STORY_PROMPT + tok.decode(generate(model, prompt, sc, tok.vocab_size, stop_ids={tok.eot_id}, generator=g))
-        for _ in range(n)
-    ]
+    return [STORY_PROMPT + gen.text(gen.prompt_ids(STORY_PROMPT), sc, generator=g) for _ in range(n)]
 
 
 def unigram_entropy_nats(data_dir: Path) -> float:
@@ -119,55 +103,50 @@ def run_quickstart(
     )
 
     preset = "tiny" if family == "gpt2" else "llama-tiny"
-    cfg = load_config(
-        preset,
-        {
-            "data": {"dataset": str(out_dir / "data")},
-            "schedule": {"max_steps": int(round(load_config(preset).schedule.max_steps * scale))},
-            "system": {"device": device, "seed": 1337 + seed},
-            "logging": {"out_dir": str(out_dir / "model")},
-        },
-    )
+    overrides = {
+        "data": {"dataset": str(out_dir / "data")},
+        "schedule": {"max_steps": int(round(load_config(preset).schedule.max_steps * scale))},
+        "system": {"device": device, "seed": 1337 + seed},
+        "logging": {"out_dir": str(out_dir / "model")},
+    }
+    cfg = load_config(preset, overrides)
     _say(
         f"[4/7] pretraining the '{preset}' preset for {cfg.schedule.max_steps} steps "
         f"({cfg.data.batch_size} x {cfg.model.block_size} tokens per step)"
     )
-    result = run_training(cfg)
+    result = pretrain(preset, overrides=overrides)
 
     _say("[5/7] evaluating on the whole validation split")
-    dev = pick_device(device)
-    model, tok, state = load_checkpoint(out_dir / "model", dev)
+    lm = LM.load(out_dir / "model", device)
+    model, tok = lm.model, lm.tokenizer
     val_src = BatchLoader(out_dir / "data", "val", batch_size=8, block_size=model.config.block_size, shuffle=False)
-    val_loss, _ = evaluate_loss(model, val_src, dev)
+    val_loss, _ = evaluate_loss(model, val_src, lm.device)
     val_bpb = val_loss / LN2 / (val["bytes"] / val["tokens"])
     unigram = unigram_entropy_nats(out_dir / "data")
 
-    stories = sample_stories(model, tok, 3, seed=seed)
+    stories = sample_stories(lm, 3, seed=seed)
     questions = heldout_questions(N_QUESTIONS, seed=12345 + seed)
-    accuracy_base, _ = chat_exact_match(model, tok, questions)
+    accuracy_base, _ = chat_exact_match(lm, questions)
     _say(f"      val {val_bpb:.4f} bits/byte; held-out chat questions, base model: {100 * accuracy_base:.0f}% exact")
     history = [json.loads(line) for line in (out_dir / "model" / "metrics.jsonl").read_text().splitlines()]
     curve = [(r["step"], round(r["loss"], 4)) for r in history if r.get("event") == "train"]
 
-    sft_cfg = load_config(
-        "sft-tiny",
-        {
-            "data": {"dataset": "embedded"},
-            "schedule": {"max_steps": max(int(round(load_config("sft-tiny").schedule.max_steps * scale)), 1)},
-            "system": {"device": device, "seed": 1337 + seed},
-            "logging": {"out_dir": str(out_dir / "sft")},
-        },
-    )
     n_chats = max(int(SFT_CHATS * min(scale, 1.0)), 200)
+    sft_overrides = {
+        "data": {"dataset": "embedded", "embedded_chats": n_chats},
+        "schedule": {"max_steps": max(int(round(load_config("sft-tiny").schedule.max_steps * scale)), 1)},
+        "system": {"device": device, "seed": 1337 + seed},
+        "logging": {"out_dir": str(out_dir / "sft")},
+    }
+    sft_cfg = load_config("sft-tiny", sft_overrides)
     _say(
         f"[6/7] fine-tuning for chat (SFT) for {sft_cfg.schedule.max_steps} steps on {n_chats:,} synthetic "
         "conversations, loss on the assistant turns only"
     )
-    sft = run_sft(sft_cfg, str(out_dir / "model"), embedded_n=n_chats, say=lambda m: _say(f"      {m}"))
+    sft = finetune(out_dir / "model", overrides=sft_overrides, say=lambda m: _say(f"      {m}"))
 
     _say("[7/7] answering the held-out chat questions with the fine-tuned model")
-    chat_model, _, _ = load_checkpoint(out_dir / "sft", dev)
-    accuracy, qa_rows = chat_exact_match(chat_model, tok, questions)
+    accuracy, qa_rows = chat_exact_match(LM.load(out_dir / "sft", device), questions)
     by_kind: dict[str, list[bool]] = {}
     for qa, row in zip(questions, qa_rows):
         by_kind.setdefault(qa.kind, []).append(row["ok"])

@@ -16,10 +16,8 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-import torch
-
 from jojo.errors import JojoError
-from jojo.infer.engine import SamplingConfig, TextStreamer, generate_stream
+from jojo.infer.engine import SamplingConfig, TextGenerator
 from jojo.tokenizer import Tokenizer, encode_chat
 
 HELP = "commands: /reset  /system TEXT  /save FILE  /quit   (Ctrl+D quits; Ctrl+C stops an answer)"
@@ -28,6 +26,7 @@ HELP = "commands: /reset  /system TEXT  /save FILE  /quit   (Ctrl+D quits; Ctrl+
 class ChatSession:
     def __init__(self, model, tok: Tokenizer, sampling: SamplingConfig, system: str | None = None):
         self.model, self.tok, self.sampling = model, tok, sampling
+        self.gen = TextGenerator(model, tok)
         self.system = system or None
         self.turns: list[dict] = []  # user / assistant messages, oldest first (no system message)
         self.dropped = 0  # messages dropped to fit the context, since the last reset
@@ -35,9 +34,7 @@ class ChatSession:
         # Room kept for the answer: max_tokens, but never more than half the context (a long --max-tokens
         # must not leave no room for the conversation itself).
         self.reserve = max(1, min(sampling.max_tokens, block // 2))
-        device = model.wte.weight.device
-        seed = sampling.seed
-        self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        self.generator = self.gen.generator(sampling.seed)  # one stream of randomness over the conversation
 
     @property
     def messages(self) -> list[dict]:
@@ -87,20 +84,13 @@ class ChatSession:
         except JojoError:
             self.turns.pop()
             raise
-        streamer = TextStreamer(self.tok)
-        stop = {self.tok.im_end_id, self.tok.eot_id}
+        pieces: list[str] = []
         try:
-            for token in generate_stream(
-                self.model, prompt, self.sampling, self.tok.vocab_size, stop, generator=self.generator
-            ):
-                piece = streamer.push(token)
-                if piece:
-                    yield piece
-            tail = streamer.flush()
-            if tail:
-                yield tail
+            for piece in self.gen.stream(prompt, self.sampling, chat=True, generator=self.generator):
+                pieces.append(piece)
+                yield piece
         finally:
-            self.turns.append({"role": "assistant", "content": self.tok.decode(streamer.ids)})
+            self.turns.append({"role": "assistant", "content": "".join(pieces)})
 
 
 def run_repl(
@@ -175,27 +165,24 @@ def _interactive_lines() -> Iterator[str]:
             continue
 
 
-def chat_main(
-    checkpoint: str,
+def chat_repl(
+    model,
+    tok: Tokenizer,
     sampling: SamplingConfig,
     system: str | None = None,
-    device: str = "auto",
+    label: str = "",
     stdin=None,
     stdout=None,
     interactive: bool | None = None,
 ) -> None:
     """`jojo chat CKPT`: a REPL on a terminal; with piped input, the whole input is one message and only the
-    answer is printed."""
+    answer is printed. `label` names the model in the greeting (its checkpoint and step)."""
     import sys
-
-    from jojo.checkpoint import load_checkpoint
-    from jojo.device import pick_device
 
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     if interactive is None:
         interactive = stdin.isatty()
-    model, tok, state = load_checkpoint(checkpoint, pick_device(device))
     session = ChatSession(model, tok, sampling, system)
 
     def write(text: str) -> None:
@@ -211,7 +198,7 @@ def chat_main(
         write("\n")
         return
     block = model.config.block_size
-    write(f"jojo chat: {Path(checkpoint)} (step {state.get('step', '?')}, context {block} tokens). {HELP}\n")
+    write(f"jojo chat: {label} (context {block} tokens). {HELP}\n")
     if session.system:
         write(f"(system: {session.system})\n")
     run_repl(session, _interactive_lines(), write)

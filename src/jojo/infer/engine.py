@@ -124,6 +124,107 @@ def generate(model: GPT, prompt_ids: list[int], sc: SamplingConfig, vocab_limit:
     return list(generate_stream(model, prompt_ids, sc, vocab_limit, **kwargs))
 
 
+class StopMatcher:
+    """Cuts a stream of text at the first of several stop strings, holding back a tail that may be the start of
+    one (so a stop string split across tokens is never shown). `push(piece)` returns the text safe to show;
+    `done` turns True at a stop; `flush()` returns what was held back when the stream ends without a stop."""
+
+    def __init__(self, stops: list[str] | tuple[str, ...] = ()):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.done = False
+
+    def push(self, piece: str) -> str:
+        if self.done:
+            return ""
+        if not self.stops:
+            return piece
+        text = self.pending + piece
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.done, self.pending = True, ""
+            return text[:cut]
+        keep = 0  # the longest tail of text that is a proper prefix of a stop string
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(text)), keep, -1):
+                if stop.startswith(text[-n:]):
+                    keep = n
+                    break
+        self.pending = text[len(text) - keep :]
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.done else self.pending), ""
+        return out
+
+
+class TextGenerator:
+    """A model and its tokenizer, ready to generate text: the one place that knows the vocabulary limit (padding
+    ids above the tokenizer are never sampled), the stop ids, how a prompt starts, and seeded generators.
+    `jojo generate`, `jojo chat`, the training monitor's samples and the Python API (`jojo.LM`) all go through it.
+
+    A text prompt starts with <|endoftext|>, as every pretraining document does; a chat prompt is the ChatML
+    rendering of the messages (`jojo.tokenizer.encode_chat`), and its answer stops at <|im_end|>."""
+
+    def __init__(self, model: GPT, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.device = model.wte.weight.device
+        self.vocab_limit = tokenizer.vocab_size
+        self.text_stops = {tokenizer.eot_id}
+        self.chat_stops = {tokenizer.im_end_id, tokenizer.eot_id}
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return [self.tokenizer.eot_id] + (self.tokenizer.encode(prompt) if prompt else [])
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        from jojo.tokenizer import encode_chat
+
+        return encode_chat(self.tokenizer, messages, add_generation_prompt=True)[0]
+
+    def generator(self, seed: int | None) -> torch.Generator | None:
+        return torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+
+    def stream_ids(self, ids: list[int], sc: SamplingConfig, chat: bool = False, generator=None) -> Iterator[int]:
+        stops = self.chat_stops if chat else self.text_stops
+        return generate_stream(self.model, ids, sc, self.vocab_limit, stops, generator=generator)
+
+    def stream(
+        self,
+        ids: list[int],
+        sc: SamplingConfig,
+        stop: list[str] | tuple[str, ...] = (),
+        chat: bool = False,
+        generator=None,
+        info: dict | None = None,
+    ) -> Iterator[str]:
+        """Text pieces as they are decoded (UTF-8 sequences and stop-string prefixes held back until whole).
+        `info`, when given, receives the token count and finish reason (stop | length) at the end."""
+        streamer, matcher = TextStreamer(self.tokenizer), StopMatcher(stop)
+        if generator is None:
+            generator = self.generator(sc.seed)
+        reason = "length"
+        budget = min(sc.max_tokens, self.model.config.block_size - len(ids))
+        for token in self.stream_ids(ids, sc, chat, generator):
+            out = matcher.push(streamer.push(token))
+            if out:
+                yield out
+            if matcher.done:
+                reason = "stop"
+                break
+        else:
+            if len(streamer.ids) < budget:
+                reason = "stop"  # a stop id ended it
+            tail = matcher.push(streamer.flush())
+            tail += matcher.flush()
+            if tail:
+                yield tail
+        if info is not None:
+            info.update(tokens=len(streamer.ids), finish_reason=reason)
+
+    def text(self, ids: list[int], sc: SamplingConfig, **kwargs) -> str:
+        return "".join(self.stream(ids, sc, **kwargs))
+
+
 class TextStreamer:
     """Turns a stream of token ids into printable text pieces, holding back incomplete UTF-8 sequences."""
 

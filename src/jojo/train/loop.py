@@ -49,6 +49,11 @@ class FitResult:
     interrupted: bool = False
     history: list[dict] = field(default_factory=list)
 
+    @property
+    def checkpoint(self) -> Path:
+        """The run's latest checkpoint directory."""
+        return (self.run_dir / "latest").resolve()
+
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int, tokens_per_step: int) -> int:
     s = cfg.schedule

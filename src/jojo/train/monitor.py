@@ -141,15 +141,16 @@ class Monitor:
             self.wandb.log(scalars, step=step)
 
     def sample(self, step: int, model, tokenizer) -> str:
-        """A short sample (temperature 0.8, top-k 50, its own seeded generator) from an <|endoftext|> prompt."""
-        from jojo.infer.engine import SamplingConfig, generate
+        """A short sample (temperature 0.8, top-k 50, seeded by the step) of a fresh document, from the training
+        model as it is (no inference conversion: its weights keep training)."""
+        from jojo.infer.engine import SamplingConfig, TextGenerator
 
         was_training = model.training
         model.eval()
+        gen = TextGenerator(model, tokenizer)
         sc = SamplingConfig(max_tokens=self.sample_tokens, temperature=0.8, top_k=50, seed=step)
-        ids = generate(model, [tokenizer.eot_id], sc, tokenizer.vocab_size, stop_ids={tokenizer.eot_id})
+        text = gen.text(gen.prompt_ids(""), sc)
         model.train(was_training)
-        text = tokenizer.decode(ids)
         if self.tb:
             self.tb.add_text("sample", text, step)
         if self.wandb:

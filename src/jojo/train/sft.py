@@ -44,6 +44,7 @@ from jojo.data.messages import MESSAGE_FORMATS, messages_from_record
 from jojo.errors import JojoError
 from jojo.model import IGNORE_INDEX
 from jojo.tokenizer import EOT, IM_END, IM_START, Tokenizer, encode_chat
+from jojo.train.loop import FitResult, fit
 
 EMBEDDED = "embedded"
 ROLES = ("system", "user", "assistant")
@@ -352,20 +353,20 @@ class SFTSource:
 # ---- the command ----------------------------------------------------------------------------------------
 @dataclass
 class SFTResult:
-    fit: object  # jojo.train.loop.FitResult
+    fit: FitResult
     data: SFTData
     stats: dict
     lora: dict | None = None
 
+    @property
+    def checkpoint(self) -> Path:
+        return self.fit.checkpoint
+
 
 def run_sft(
     cfg,
-    init_from: str,
+    init_from: str | None,
     *,
-    data_format: str = "auto",
-    on_bad: str = "skip",
-    val_fraction: float = 0.05,
-    embedded_n: int = 8000,
     quiet: bool = False,
     say=print,
     resume: bool = False,
@@ -378,7 +379,6 @@ def run_sft(
     resume: continue the run in cfg.logging.out_dir from its latest checkpoint (weights, optimizer, data
     position, random state), given the same data and options; `init_from` is then not needed."""
     from jojo import checkpoint as ckpt_io
-    from jojo.train.loop import fit
     from jojo.train.lora import apply_lora, lora_summary, merged_state_dict
     from jojo.train.system import setup_runtime, teardown_runtime
 
@@ -410,11 +410,11 @@ def run_sft(
             tok,
             cfg.data.dataset,
             block,
-            fmt=data_format,
-            on_bad=on_bad,
-            val_fraction=val_fraction,
+            fmt=cfg.data.format,
+            on_bad=cfg.data.on_bad,
+            val_fraction=cfg.data.val_fraction,
             seed=cfg.system.seed,
-            embedded_n=embedded_n,
+            embedded_n=cfg.data.embedded_chats,
         )
         if rt.is_main:
             say(data.summary())
