@@ -5,10 +5,12 @@ validation batch source. Pretraining reads prepared token shards; SFT passes its
 packed rows) through the same `fit`. Sources implement `next_batch() -> dict`, `state_dict()`,
 `load_state_dict()`, `steps_per_epoch` and, for validation, `iter_sequential(max_batches)`.
 
-Each step: set the LR from the schedule, run `grad_accum` micro-batches (DDP syncs gradients on the last
-only), clip, step. Every `eval_interval` steps (and at the end): validation loss and bits per byte, a
-checkpoint, the loss plot; with `logging.patience` the run stops early after that many evaluations without
-a better validation loss. Ctrl+C or SIGTERM finishes the current step, saves, and exits cleanly.
+`fit` reads as the steps of a run: `start_run` (wrap, optimizer, budget), `restore` (resume), `open_monitor`,
+then per step `optimizer_step` (the LR from the schedule, `grad_accum` micro-batches with DDP syncing gradients
+on the last only, clip, step), `log_progress`, `evaluate_and_save`, and `finish`. Every `eval_interval` steps
+(and at the end): validation loss and bits per byte, a checkpoint, the loss plot; with `logging.patience` the
+run stops early after that many evaluations without a better validation loss. Ctrl+C or SIGTERM finishes the
+current step, saves, and exits cleanly.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from jojo import checkpoint as ckpt_io
 from jojo.config import TrainConfig
 from jojo.errors import JojoError
 from jojo.eval.lm import LN2, evaluate_loss
-from jojo.model import GPT
+from jojo.model import GPT, IGNORE_INDEX
 from jojo.tokenizer import Tokenizer
 from jojo.train.optim import build_optimizer
 from jojo.train.schedule import lr_multiplier
@@ -91,6 +93,42 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+@dataclass
+class Run:
+    """Everything one training run carries from step to step: the pieces it was given, what it built (the
+    wrapped model, optimizer, scaler, monitor) and its progress (step, tokens, best validation loss, ...)."""
+
+    cfg: TrainConfig
+    model: GPT
+    tokenizer: Tokenizer
+    train_source: object
+    val_source: object
+    rt: Runtime
+    train_model: torch.nn.Module
+    optimizer: object
+    scaler: object
+    steps: int
+    tokens_per_step: int
+    bytes_per_token: float | None = None
+    entropy_floor_bpb: float | None = None
+    extra_state: dict | None = None
+    state_dict_fn: Callable[[], dict] | None = None
+    monitor: object = None
+    bar: object = None
+    step: int = 0
+    start_step: int = 0
+    tokens_seen: int = 0
+    best_val: float = math.inf
+    evals_without_gain: int = 0
+    train_loss: float | None = None
+    val_loss: float | None = None
+    val_bpb: float | None = None
+    loss_sum: torch.Tensor | None = None  # summed per-token losses since the last log line (on the device)
+    loss_tokens: int = 0  # how many tokens they are
+    t_window: float = 0.0
+    tok_window: int = 0
+
+
 def fit(
     cfg: TrainConfig,
     model: GPT,
@@ -110,213 +148,242 @@ def fit(
 
     state_dict_fn: the weights to save, when they are not `model`'s own state dict (LoRA saves the adapters
     merged into the base weights, so checkpoints stay plain GPT weights)."""
-    from jojo.train.monitor import Monitor
-
+    extra = dict(bytes_per_token=bytes_per_token, entropy_floor_bpb=entropy_floor_bpb, extra_state=extra_state)
+    run = start_run(cfg, model, tokenizer, train_source, val_source, rt, state_dict_fn=state_dict_fn, **extra)
+    if resume_from is not None:
+        restore(run, resume_from)
+    open_monitor(run, resumed=resume_from is not None, quiet=quiet)
     log = cfg.logging
-    run_dir = Path(log.out_dir)
+    t_start = t_last_save = run.t_window = time.time()
+    interrupted = stopped_early = False
+    with _StopFlag() as stop:
+        while run.step < run.steps:
+            optimizer_step(run)
+            if run.step % log.log_interval == 0 or run.step == run.steps:
+                log_progress(run, time.time() - t_start)
+            if run.bar:
+                run.bar.update(1)
+            last = run.step == run.steps or stop.raised
+            if run.step % log.eval_interval == 0 or last:
+                stopped_early = evaluate_and_save(run) and not last
+                t_last_save = time.time()
+            elif (log.checkpoint_interval and run.step % log.checkpoint_interval == 0) or (
+                log.checkpoint_minutes and time.time() - t_last_save >= 60 * log.checkpoint_minutes
+            ):
+                save(run, None, False)
+                t_last_save = time.time()
+            if stop.raised:
+                interrupted = True
+                break
+            if stopped_early:
+                if run.monitor:
+                    run.monitor.log("early_stop", run.step, patience=log.patience, best_val_loss=run.best_val)
+                break
+    return finish(run, time.time() - t_start, interrupted, stopped_early)
+
+
+def start_run(cfg: TrainConfig, model: GPT, tokenizer, train_source, val_source, rt: Runtime, **extra) -> Run:
+    """Seed, wrap the model for training (compile, DDP/FSDP2), build the optimizer and size the run."""
     seed_everything(cfg.system.seed + rt.rank)
     if rt.fsdp and cfg.optimizer.name == "muon":
         raise JojoError("optimizer.name=muon does not work with --system.fsdp (it needs whole matrices); use adamw")
     # Wrap first: FSDP2 turns the parameters into sharded DTensors, and the optimizer must hold those.
     train_model = wrap_for_training(model, rt, cfg.system.compile)
     optimizer = build_optimizer(model, cfg.optimizer, rt.device.type)
-    scaler = rt.grad_scaler()
-    micro_bs = cfg.data.batch_size
-    tokens_per_step = micro_bs * model.config.block_size * cfg.optimizer.grad_accum * rt.world_size
+    tokens_per_step = cfg.data.batch_size * model.config.block_size * cfg.optimizer.grad_accum * rt.world_size
     steps = total_steps(cfg, max(train_source.steps_per_epoch // cfg.optimizer.grad_accum, 1), tokens_per_step)
+    return Run(cfg, model, tokenizer, train_source, val_source, rt, train_model, optimizer, rt.grad_scaler(),
+               steps, tokens_per_step, **extra)  # fmt: skip
 
-    start_step, best_val, tokens_seen = 0, math.inf, 0
-    if resume_from is not None:
-        state = ckpt_io.load_optimizer_state(resume_from)
-        meta = _read_state(resume_from)
-        if state is None:
-            raise JojoError(
-                f"checkpoint {resume_from} has no optimizer state; use --init-from to start from its weights"
-            )
-        _load_optimizer(model, optimizer, state["optimizer"], rt)
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if torch.cuda.is_available() and "rng_cuda" in state and rt.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"], rt.device)
-        train_source.load_state_dict(meta["data"])
-        start_step = meta["step"]
-        best_val = meta.get("best_val_loss", math.inf) or math.inf
-        tokens_seen = meta.get("tokens_seen", 0)
-        if start_step >= steps:
-            raise JojoError(
-                f"the checkpoint is at step {start_step}, already at the budget of {steps} steps; "
-                "raise --max-iters to train further"
-            )
 
-    monitor = Monitor(run_dir, cfg, resume=resume_from is not None) if rt.is_main else None
-    if monitor and resume_from is None:
-        cfg.save(run_dir / "run_config.json")
-    flops_tok = model.flops_per_token()
-    peak = peak_flops(rt.device, rt.dtype)
-    bar = None
-    if rt.is_main and log.progress and not quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps, initial=start_step, desc="train", dynamic_ncols=True, leave=True)
-
-    def save(step: int, val_loss: float | None, is_best: bool) -> None:
-        if rt.fsdp:  # gathering the full weights and optimizer state is a collective: every rank takes part
-            weights, opt_sd = _gather_fsdp(model, optimizer)
-        else:
-            weights, opt_sd = None, None
-        if not rt.is_main:
-            return
-        state = {
-            "best_val_loss": best_val if best_val < math.inf else None,
-            "val_loss": val_loss,
-            "tokens_seen": tokens_seen,
-            "data": train_source.state_dict(),
-            "run_config": cfg.to_dict(),
-            **(extra_state or {}),
-        }
-        opt_state = {"optimizer": opt_sd or optimizer.state_dict(), "rng_cpu": torch.get_rng_state()}
-        if rt.device.type == "cuda":
-            opt_state["rng_cuda"] = torch.cuda.get_rng_state(rt.device)
-        if scaler is not None:
-            opt_state["scaler"] = scaler.state_dict()
-        if state_dict_fn:
-            weights = state_dict_fn()
-        ckpt_io.write_checkpoint(
-            run_dir, step, model, tokenizer, state, opt_state, log.keep_last, best=is_best, weights=weights
+def restore(run: Run, resume_from: Path) -> None:
+    """Continue from a checkpoint: optimizer (and scaler) state, random state, data position, progress."""
+    state = ckpt_io.load_optimizer_state(resume_from)
+    if state is None:
+        raise JojoError(f"checkpoint {resume_from} has no optimizer state; use --init-from to start from its weights")
+    meta = _read_state(resume_from)
+    _load_optimizer(run.model, run.optimizer, state["optimizer"], run.rt)
+    if run.scaler is not None and "scaler" in state:
+        run.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if torch.cuda.is_available() and "rng_cuda" in state and run.rt.device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng_cuda"], run.rt.device)
+    run.train_source.load_state_dict(meta["data"])
+    run.step = run.start_step = meta["step"]
+    run.best_val = meta.get("best_val_loss", math.inf) or math.inf
+    run.tokens_seen = meta.get("tokens_seen", 0)
+    if run.step >= run.steps:
+        raise JojoError(
+            f"the checkpoint is at step {run.step}, already at the budget of {run.steps} steps; "
+            "raise --max-iters to train further"
         )
 
-    def run_eval(step: int) -> tuple[float, float | None]:
-        val_loss, _ = evaluate_loss(model, val_source, rt.device, rt.dtype, log.eval_iters)
-        val_bpb = val_loss / LN2 / bytes_per_token if bytes_per_token else None
-        if monitor:
-            row = {"val_loss": val_loss, "val_bpb": val_bpb}
-            if entropy_floor_bpb and bytes_per_token:
-                row["entropy_floor_bpb"] = entropy_floor_bpb
-                row["entropy_floor_loss"] = entropy_floor_bpb * LN2 * bytes_per_token
-            monitor.log("eval", step, **row)
-            if monitor.wants_sample and not rt.fsdp:  # FSDP's forward is collective: no rank-0-only decoding
-                monitor.sample(step, model, tokenizer)
-        return val_loss, val_bpb
 
-    model.train()
-    t_start = time.time()
-    t_last_save = t_start
-    t_window, tok_window = time.time(), 0
-    train_loss = val_loss = val_bpb = None
-    tps = 0.0
-    step = start_step
-    stop = _StopFlag()
-    interrupted = stopped_early = False
-    evals_without_gain = 0
-    with stop:
-        while step < steps:
-            mult = lr_multiplier(step, steps, cfg.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * mult
-            loss_sum = torch.zeros((), device=rt.device)
-            for micro in range(cfg.optimizer.grad_accum):
-                batch = train_source.next_batch()
-                x = batch["input_ids"].to(rt.device, non_blocking=True)
-                y = batch["targets"].to(rt.device, non_blocking=True)
-                kwargs = {"doc_ids": batch["doc_ids"].to(rt.device)} if "doc_ids" in batch else {}
-                sync = micro == cfg.optimizer.grad_accum - 1
-                ctx = contextlib.nullcontext()
-                if rt.fsdp:
-                    model.set_requires_gradient_sync(sync)  # reduce-scatter gradients on the last micro-step only
-                elif rt.distributed and not sync:
-                    ctx = train_model.no_sync()
-                with ctx, rt.autocast():
-                    _, loss = train_model(x, y, **kwargs)
-                    loss = loss / cfg.optimizer.grad_accum
-                (scaler.scale(loss) if scaler else loss).backward()
-                loss_sum += loss.detach()
-            if scaler:
-                for opt in optimizer.optimizers:
-                    scaler.unscale_(opt)  # true gradients for clipping; scaler.step skips a step with inf/nan
-            if cfg.optimizer.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
-            if scaler:
-                for opt in optimizer.optimizers:
-                    scaler.step(opt)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += tokens_per_step
-            tok_window += tokens_per_step
+def open_monitor(run: Run, resumed: bool, quiet: bool) -> None:
+    """Rank 0 logs: metrics.jsonl (and TensorBoard / W&B), run_config.json for a new run, a progress bar."""
+    if not run.rt.is_main:
+        return
+    from jojo.train.monitor import Monitor
 
-            if step % log.log_interval == 0 or step == steps:
-                if rt.distributed:
-                    torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
-                train_loss = float(loss_sum)  # .item() is a device sync point: only at log intervals
-                if not math.isfinite(train_loss):
-                    raise JojoError(f"training diverged at step {step} (loss {train_loss}); lower --learning-rate")
-                now = time.time()
-                tps = tok_window / max(now - t_window, 1e-9)
-                t_window, tok_window = now, 0
-                lr = optimizer.param_groups[-1]["lr"]
-                mfu = flops_tok * tps / rt.world_size / peak if peak else None
-                if monitor:
-                    monitor.log(
-                        "train",
-                        step,
-                        loss=train_loss,
-                        lr=lr,
-                        tokens_per_second=tps,
-                        mfu=mfu,
-                        tokens_seen=tokens_seen,
-                        elapsed=now - t_start,
-                    )
-                if bar:
-                    post = {"loss": f"{train_loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tps:,.0f}"}
-                    if mfu is not None:
-                        post["mfu"] = f"{100 * mfu:.1f}%"
-                    bar.set_postfix(post, refresh=False)
-            if bar:
-                bar.update(1)
+    run.monitor = Monitor(run.cfg.logging.out_dir, run.cfg, resume=resumed)
+    if not resumed:
+        run.cfg.save(Path(run.cfg.logging.out_dir) / "run_config.json")
+    if run.cfg.logging.progress and not quiet:
+        from tqdm import tqdm
 
-            last = step == steps or stop.raised
-            if step % log.eval_interval == 0 or last:
-                val_loss, val_bpb = run_eval(step)
-                is_best = val_loss < best_val
-                best_val = min(best_val, val_loss)
-                evals_without_gain = 0 if is_best else evals_without_gain + 1
-                if log.patience and evals_without_gain >= log.patience and not last:
-                    stopped_early = True  # every rank computes the same val loss, so all stop together
-                save(step, val_loss, is_best)  # a save before (and with) every evaluation
-                t_last_save = time.time()
-                if monitor:
-                    monitor.plot()
-            elif (log.checkpoint_interval and step % log.checkpoint_interval == 0) or (
-                log.checkpoint_minutes and time.time() - t_last_save >= 60 * log.checkpoint_minutes
-            ):
-                save(step, None, False)
-                t_last_save = time.time()
-            if stop.raised:
-                interrupted = True
-                break
-            if stopped_early:
-                if monitor:
-                    monitor.log("early_stop", step, patience=log.patience, best_val_loss=best_val)
-                break
-    if bar:
-        bar.close()
-    wall = time.time() - t_start
-    if monitor:
-        monitor.log("end", step, wall_seconds=wall, interrupted=interrupted, stopped_early=stopped_early)
-        monitor.close()
-    done_tokens = tokens_seen - (start_step * tokens_per_step)
+        run.bar = tqdm(total=run.steps, initial=run.step, desc="train", dynamic_ncols=True, leave=True)
+
+
+def optimizer_step(run: Run) -> None:
+    """One optimizer step: the LR from the schedule, `grad_accum` micro-batches, clip, step.
+
+    The step's loss is the mean over every trained (non-ignored) target token of all its micro-batches and all
+    ranks, not a mean of per-micro-batch means: a masked SFT micro-batch with few answer tokens weighs what its
+    tokens weigh, so the train loss is the same quantity as the validation loss. Each micro-batch's mean loss is
+    scaled by its share of the step's tokens (times the world size, since DDP/FSDP average gradients over ranks)."""
+    cfg, rt, opt = run.cfg, run.rt, run.optimizer
+    accum = cfg.optimizer.grad_accum
+    mult = lr_multiplier(run.step, run.steps, cfg.schedule)
+    for group in opt.param_groups:
+        group["lr"] = group["base_lr"] * mult
+    batches = [run.train_source.next_batch() for _ in range(accum)]
+    counts = [int((b["targets"] != IGNORE_INDEX).sum()) for b in batches]  # on the CPU batches: no device sync
+    total = sum(counts)
+    if rt.distributed:
+        t = torch.tensor([total], dtype=torch.long, device=rt.device)
+        torch.distributed.all_reduce(t)
+        total = int(t)
+    if not total:
+        raise JojoError(f"step {run.step + 1} has no trained target tokens in any micro-batch; check the data")
+    if run.loss_sum is None:
+        run.loss_sum = torch.zeros((), device=rt.device)
+    for micro, (batch, n) in enumerate(zip(batches, counts)):
+        x = batch["input_ids"].to(rt.device, non_blocking=True)
+        y = batch["targets"].to(rt.device, non_blocking=True)
+        kwargs = {"doc_ids": batch["doc_ids"].to(rt.device)} if "doc_ids" in batch else {}
+        sync = micro == accum - 1
+        ctx = contextlib.nullcontext()
+        if rt.fsdp:
+            run.model.set_requires_gradient_sync(sync)  # reduce-scatter gradients on the last micro-step only
+        elif rt.distributed and not sync:
+            ctx = run.train_model.no_sync()
+        with ctx, rt.autocast():
+            _, loss = run.train_model(x, y, **kwargs)
+            scaled = loss * (n * rt.world_size / total)
+        (run.scaler.scale(scaled) if run.scaler else scaled).backward()
+        run.loss_sum += loss.detach() * n
+    run.loss_tokens += total  # all ranks' tokens; log_progress sums the ranks' loss_sum to match
+    if run.scaler:
+        for o in opt.optimizers:
+            run.scaler.unscale_(o)  # true gradients for clipping; scaler.step skips a step with inf/nan
+    if cfg.optimizer.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optimizer.grad_clip)
+    if run.scaler:
+        for o in opt.optimizers:
+            run.scaler.step(o)
+        run.scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    run.step += 1
+    run.tokens_seen += run.tokens_per_step
+    run.tok_window += run.tokens_per_step
+
+
+def log_progress(run: Run, elapsed: float) -> None:
+    """The train loss since the last log line (per trained token), tokens/s, MFU; metrics.jsonl and the bar.
+    `float()` is a device sync point: it happens only here, at log intervals."""
+    loss_sum = run.loss_sum
+    if run.rt.distributed:
+        torch.distributed.all_reduce(loss_sum)
+    run.train_loss = float(loss_sum) / max(run.loss_tokens, 1)
+    run.loss_sum, run.loss_tokens = None, 0
+    if not math.isfinite(run.train_loss):
+        raise JojoError(f"training diverged at step {run.step} (loss {run.train_loss}); lower --learning-rate")
+    now = time.time()
+    tps = run.tok_window / max(now - run.t_window, 1e-9)
+    run.t_window, run.tok_window = now, 0
+    lr = run.optimizer.param_groups[-1]["lr"]
+    peak = peak_flops(run.rt.device, run.rt.dtype)
+    mfu = run.model.flops_per_token() * tps / run.rt.world_size / peak if peak else None
+    if run.monitor:
+        run.monitor.log("train", run.step, loss=run.train_loss, lr=lr, tokens_per_second=tps, mfu=mfu,
+                        tokens_seen=run.tokens_seen, elapsed=elapsed)  # fmt: skip
+    if run.bar:
+        post = {"loss": f"{run.train_loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tps:,.0f}"}
+        if mfu is not None:
+            post["mfu"] = f"{100 * mfu:.1f}%"
+        run.bar.set_postfix(post, refresh=False)
+
+
+def evaluate_and_save(run: Run) -> bool:
+    """Validation loss and bits per byte, a checkpoint (best when it improved), the loss plot. Returns whether
+    the run should stop early (`logging.patience` evaluations without a better validation loss)."""
+    log, rt = run.cfg.logging, run.rt
+    run.val_loss, _ = evaluate_loss(run.model, run.val_source, rt.device, rt.dtype, log.eval_iters)
+    run.val_bpb = run.val_loss / LN2 / run.bytes_per_token if run.bytes_per_token else None
+    if run.monitor:
+        row = {"val_loss": run.val_loss, "val_bpb": run.val_bpb}
+        if run.entropy_floor_bpb and run.bytes_per_token:
+            row["entropy_floor_bpb"] = run.entropy_floor_bpb
+            row["entropy_floor_loss"] = run.entropy_floor_bpb * LN2 * run.bytes_per_token
+        run.monitor.log("eval", run.step, **row)
+        if run.monitor.wants_sample and not rt.fsdp:  # FSDP's forward is collective: no rank-0-only decoding
+            run.monitor.sample(run.step, run.model, run.tokenizer)
+    is_best = run.val_loss < run.best_val
+    run.best_val = min(run.best_val, run.val_loss)
+    run.evals_without_gain = 0 if is_best else run.evals_without_gain + 1
+    save(run, run.val_loss, is_best)  # a save with every evaluation
+    if run.monitor:
+        run.monitor.plot()
+    # every rank computes the same val loss, so all stop together
+    return bool(log.patience and run.evals_without_gain >= log.patience)
+
+
+def save(run: Run, val_loss: float | None, is_best: bool) -> None:
+    """Write a checkpoint (rank 0; under FSDP every rank first takes part in gathering the full state)."""
+    rt = run.rt
+    if rt.fsdp:  # gathering the full weights and optimizer state is a collective: every rank takes part
+        weights, opt_sd = _gather_fsdp(run.model, run.optimizer)
+    else:
+        weights, opt_sd = None, None
+    if not rt.is_main:
+        return
+    state = {
+        "best_val_loss": run.best_val if run.best_val < math.inf else None,
+        "val_loss": val_loss,
+        "tokens_seen": run.tokens_seen,
+        "data": run.train_source.state_dict(),
+        "run_config": run.cfg.to_dict(),
+        **(run.extra_state or {}),
+    }
+    opt_state = {"optimizer": opt_sd or run.optimizer.state_dict(), "rng_cpu": torch.get_rng_state()}
+    if rt.device.type == "cuda":
+        opt_state["rng_cuda"] = torch.cuda.get_rng_state(rt.device)
+    if run.scaler is not None:
+        opt_state["scaler"] = run.scaler.state_dict()
+    if run.state_dict_fn:
+        weights = run.state_dict_fn()
+    ckpt_io.write_checkpoint(Path(run.cfg.logging.out_dir), run.step, run.model, run.tokenizer, state, opt_state,
+                             run.cfg.logging.keep_last, best=is_best, weights=weights)  # fmt: skip
+
+
+def finish(run: Run, wall: float, interrupted: bool, stopped_early: bool) -> FitResult:
+    if run.bar:
+        run.bar.close()
+    if run.monitor:
+        run.monitor.log("end", run.step, wall_seconds=wall, interrupted=interrupted, stopped_early=stopped_early)
+        run.monitor.close()
+    done_tokens = run.tokens_seen - run.start_step * run.tokens_per_step
     return FitResult(
-        run_dir=run_dir,
-        step=step,
-        train_loss=train_loss,
-        val_loss=val_loss,
-        val_bpb=val_bpb,
-        best_val_loss=best_val if best_val < math.inf else None,
+        run_dir=Path(run.cfg.logging.out_dir),
+        step=run.step,
+        train_loss=run.train_loss,
+        val_loss=run.val_loss,
+        val_bpb=run.val_bpb,
+        best_val_loss=run.best_val if run.best_val < math.inf else None,
         tokens_per_second=done_tokens / max(wall, 1e-9),
-        tokens_seen=tokens_seen,
+        tokens_seen=run.tokens_seen,
         wall_seconds=wall,
         stopped_early=stopped_early,
         interrupted=interrupted,
