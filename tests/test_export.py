@@ -568,3 +568,25 @@ def test_gguf_refuses_tokenizers_llama_cpp_would_split_differently(runs, tmp_pat
     other = Tokenizer(HFTokenizer.from_str(json.dumps(data)))
     with pytest.raises(JojoError, match="GPT-2's pre-tokenization"):
         gguf_vocab(other, 512)
+
+
+# ---- parts that no outside architecture loads --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "parts, message",
+    [
+        ({"positions": "rope", "norm": "rmsnorm"}, "match neither GPT-2"),
+        ({"family": "llama", "mlp": "gelu"}, "match neither GPT-2"),
+        ({"n_kv_head": 2}, "grouped-query attention"),
+    ],
+)
+def test_export_refuses_parts_transformers_cannot_load(parts, message, tok, tmp_path, capsys):
+    from jojo.cli import main
+
+    cfg = dict(family="gpt2", vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=4, n_embd=32)
+    write_checkpoint(tmp_path / "run", 1, GPT(ModelConfig(**{**cfg, **parts})), tok, {})
+    with pytest.raises(JojoError, match=message):
+        export_hf(tmp_path / "run", tmp_path / "hf")
+    assert main(["export", "gguf", str(tmp_path / "run"), str(tmp_path / "m.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.gguf").exists()

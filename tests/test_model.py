@@ -9,12 +9,19 @@ from jojo.errors import JojoError
 from jojo.infer.engine import SamplingConfig, generate
 from jojo.model import GPT
 
-FAMILIES = ["gpt2", "llama"]
+# The two families, and a mix of parts from both (a GPT-2 block with RoPE, RMSNorm and grouped-query attention:
+# one config line), which every model test runs on too.
+VARIANTS = {
+    "gpt2": {},
+    "llama": {},
+    "gpt2+rope+rmsnorm+gqa": {"positions": "rope", "norm": "rmsnorm", "n_kv_head": 2},
+}
+FAMILIES = list(VARIANTS)
 
 
 def make(family, seed=0, **kw):
     torch.manual_seed(seed)
-    return GPT(tiny_model_config(family, **kw)).eval()
+    return GPT(tiny_model_config(family.split("+")[0], **VARIANTS[family], **kw)).eval()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -146,3 +153,18 @@ def test_rms_norm_matches_its_formula_in_float32_and_bf16():
     with torch.no_grad():
         nb.weight.copy_(norm.weight)
     assert nb(xb).dtype == torch.bfloat16 and torch.equal(nb(xb), formula(xb, nb.weight))
+
+
+def test_parts_are_independent_choices():
+    mixed = make("gpt2+rope+rmsnorm+gqa")
+    c = mixed.config
+    assert (c.positions, c.norm, c.mlp, c.bias, c.tie_embeddings) == ("rope", "rmsnorm", "gelu", True, True)
+    assert mixed.wpe is None and hasattr(mixed, "rope_cos")
+    assert type(mixed.blocks[0].norm1).__name__ == "RMSNorm" and type(mixed.blocks[0].mlp).__name__ == "GeluMLP"
+    llama_gelu = GPT(ModelConfig(family="llama", mlp="gelu", vocab_size=64, block_size=16, n_layer=1, n_head=2,
+                                 n_embd=32))  # fmt: skip
+    assert llama_gelu.config.mlp_hidden == 128 and type(llama_gelu.blocks[0].mlp).__name__ == "GeluMLP"
+    with pytest.raises(JojoError, match="model.positions"):
+        ModelConfig(positions="alibi")
+    with pytest.raises(JojoError, match="even for RoPE"):
+        ModelConfig(positions="rope", n_embd=30, n_head=2)

@@ -163,10 +163,6 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
-    def token_bytes(self, token_id: int) -> bytes:
-        """The raw bytes of one token (special tokens: their UTF-8 text)."""
-        return self.decode([token_id]).encode("utf-8", errors="surrogatepass")
-
     @property
     def backend(self):
         return self._tok

@@ -443,11 +443,9 @@ def prepare_records(
     val_fraction: float = 0.05,
     seed: int = 0,
     source: str = "",
-    batch_docs: int = 512,
     test_fraction: float = 0.0,
 ) -> dict:
-    """Tokenize in-memory records ({"text", optional "bits"}) into train/val(/test) shards, in-process.
-    (`batch_docs` is accepted for compatibility; records are batched by size.)"""
+    """Tokenize in-memory records ({"text", optional "bits"}) into train/val(/test) shards, in-process."""
     src = RecordSource(records, description=source or "records")
     return prepare_source(
         src, tokenizer, out_dir, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, workers=1,

@@ -20,7 +20,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,7 +49,6 @@ class FitResult:
     wall_seconds: float
     stopped_early: bool = False
     interrupted: bool = False
-    history: list[dict] = field(default_factory=list)
 
     @property
     def checkpoint(self) -> Path:
