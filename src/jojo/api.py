@@ -135,6 +135,29 @@ class LM:
 
 
 # ---- making a model ------------------------------------------------------------------------------------------
+def presets(assumed_vocab: int = 4096) -> list[dict]:
+    """Every preset in configs/ with its architecture and parameter count (the model is built on the meta
+    device: no memory). A preset without a vocabulary size takes the tokenizer's when it trains; it is counted
+    here at `assumed_vocab`."""
+    from jojo.config import model_config_from_dict, preset_dir
+    from jojo.model import GPT
+
+    rows = []
+    for path in sorted(preset_dir().glob("*.json")):
+        tree = read_json(path, "preset")
+        if "model" not in tree:  # a fine-tuning preset (sft-tiny): the model is the checkpoint's
+            continue
+        model_tree = dict(tree.get("model", {}))
+        vocab_given = "vocab_size" in model_tree
+        model_tree.setdefault("vocab_size", assumed_vocab)
+        cfg = model_config_from_dict(model_tree)
+        with torch.device("meta"):
+            model = GPT(cfg)
+        rows.append({"name": path.stem, "config": cfg, "params": model.num_params(), "vocab_given": vocab_given,
+                     "non_embedding_params": model.num_params(non_embedding=True)})  # fmt: skip
+    return rows
+
+
 def run_config(
     config: str | Path | dict | None,
     overrides: list[str] | dict | None = None,

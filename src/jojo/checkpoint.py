@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -132,13 +133,23 @@ def _prune(run_dir: Path, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+_NOTED: set[Path] = set()
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (-> its latest checkpoint)."""
+    """A checkpoint directory, a run directory (-> its latest checkpoint), or a quickstart folder (-> its chat
+    model, sft/, else its base model, model/; which one is said once on stderr)."""
     path = Path(path)
     if (path / WEIGHTS).is_file():
         return path
     if (path / "latest" / WEIGHTS).is_file():
         return (path / "latest").resolve()
+    for sub, what in (("sft", "chat model"), ("model", "pretrained model")):
+        if (path / sub / "latest" / WEIGHTS).is_file():
+            if path not in _NOTED:
+                _NOTED.add(path)
+                print(f"jojo: {path} holds runs; using {path / sub} (the {what})", file=sys.stderr)
+            return (path / sub / "latest").resolve()
     if not path.exists():
         raise JojoError(f"checkpoint not found: {path}; pass a checkpoint directory or a run directory")
     raise JojoError(f"{path} holds no {WEIGHTS} and no 'latest' checkpoint; is it a Jojo run or checkpoint directory?")

@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     tr.add_argument("--config", default=None, help="JSON config file or preset name (default tiny)")
+    tr.add_argument("--list-presets", action="store_true", help="list the presets with their sizes and exit")
     tr.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its latest checkpoint, with its config"
     )

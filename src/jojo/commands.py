@@ -123,8 +123,28 @@ def _show_config(cfg, args) -> bool:
     return bool(args.show_config or getattr(args, "save_config", None))
 
 
+def cmd_list_presets() -> None:
+    from jojo.api import presets
+
+    print(
+        f"{'preset':<12} {'parameters':>11} {'family':<7} {'layers':>6} {'width':>6} {'heads':>6} {'context':>8} vocab"
+    )
+    for p in presets():
+        c = p["config"]
+        vocab = f"{c.vocab_size}" if p["vocab_given"] else f"{c.vocab_size}* "
+        heads = f"{c.n_head}/{c.n_kv_head}" if c.n_kv_head != c.n_head else f"{c.n_head}"
+        print(f"{p['name']:<12} {p['params'] / 1e6:>10.1f}M {c.family:<7} {c.n_layer:>6} {c.n_embd:>6} {heads:>6} "
+              f"{c.block_size:>8} {vocab}")  # fmt: skip
+    print(
+        "* the tokenizer's vocabulary when it trains (counted here at 4096); sizes: jojo train --config NAME --dry-run"
+    )
+
+
 def cmd_train(args, rest: list[str]) -> None:
     from jojo.api import pretrain, run_config
+
+    if args.list_presets:
+        return cmd_list_presets()
 
     if args.show_config or args.save_config or args.dry_run:
         cfg = run_config(args.config, rest, default="tiny", resume=args.resume)

@@ -156,6 +156,8 @@ class ScheduleConfig:
     max_steps: int = opt(0, "optimizer steps; 0 = derived from epochs or max_tokens")
     epochs: float = opt(0.0, "passes over the training split (when max_steps is 0)")
     max_tokens: int = opt(0, "training tokens (when max_steps and epochs are 0)")
+    max_seconds: float = opt(0.0, "a time budget (--time-budget 5m): the LR schedule runs on elapsed time and the "
+                             "run ends at the deadline; 0 = off")  # fmt: skip
     warmup_steps: int = opt(100, "linear learning-rate warm-up steps")
     decay: str = opt("cosine", "cosine, wsd (warmup-stable-decay) or constant")
     decay_fraction: float = opt(0.2, "wsd: fraction of the run spent decaying")
@@ -166,6 +168,7 @@ class ScheduleConfig:
         _check_positive("schedule.max_steps", self.max_steps, allow_zero=True)
         _check_positive("schedule.epochs", self.epochs, allow_zero=True)
         _check_positive("schedule.max_tokens", self.max_tokens, allow_zero=True)
+        _check_positive("schedule.max_seconds", self.max_seconds, allow_zero=True)
         _check_positive("schedule.warmup_steps", self.warmup_steps, allow_zero=True)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise JojoError(f"invalid value {self.min_lr_ratio!r} for 'schedule.min_lr_ratio'; it must be in [0, 1]")
@@ -256,6 +259,7 @@ FLAT_FLAGS = {
     "max-iters": "schedule.max_steps",
     "max-steps": "schedule.max_steps",
     "max-tokens": "schedule.max_tokens",
+    "time-budget": "schedule.max_seconds",
     "learning-rate": "optimizer.lr",
     "lr": "optimizer.lr",
     "grad-accum": "optimizer.grad_accum",
@@ -291,6 +295,18 @@ FLAT_FLAGS = {
 
 # Integer keys that also accept the word "auto", stored as 0.
 AUTO_INT_KEYS = {"data.batch_size"}
+# Durations in seconds that also accept "90s", "5m", "1.5h".
+DURATION_KEYS = {"schedule.max_seconds"}
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(key: str, raw: str) -> float:
+    text = raw.strip().lower()
+    scale = _UNITS.get(text[-1:])
+    try:
+        return float(text[:-1] if scale else text) * (scale or 1)
+    except ValueError:
+        raise JojoError(f"invalid value {raw!r} for '{key}'; give seconds or a duration like 90s, 5m, 1.5h") from None
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -314,6 +330,8 @@ def _coerce(key: str, raw: Any, typ: Any) -> Any:
         typ = args[0]
     if key in AUTO_INT_KEYS and isinstance(raw, str) and raw.lower() == "auto":
         return 0
+    if key in DURATION_KEYS and isinstance(raw, str):
+        return parse_duration(key, raw)
     try:
         if typ is bool:
             if isinstance(raw, bool):

@@ -119,7 +119,7 @@ def run_quickstart(
     _say("[5/7] evaluating on the whole validation split")
     lm = LM.load(out_dir / "model", device)
     model, tok = lm.model, lm.tokenizer
-    val_src = BatchLoader(out_dir / "data", "val", batch_size=8, block_size=model.config.block_size, shuffle=False)
+    val_src = BatchLoader(out_dir / "data", "val", 8, model.config.block_size, shuffle=False, evaluation=True)
     val_loss, _ = evaluate_loss(model, val_src, lm.device)
     val_bpb = val_loss / LN2 / (val["bytes"] / val["tokens"])
     unigram = unigram_entropy_nats(out_dir / "data")

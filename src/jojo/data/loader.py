@@ -96,6 +96,7 @@ class BatchLoader:
         world_size: int = 1,
         doc_aligned: bool = False,
         shuffle: bool = True,
+        evaluation: bool = False,
     ):
         self.data = TokenSplit(data_dir, split)
         self.batch_size, self.block_size = batch_size, block_size
@@ -104,11 +105,13 @@ class BatchLoader:
         self.starts = [self.data.row_starts(i, block_size, doc_aligned) for i in range(len(self.data.shards))]
         self.rows_per_epoch = sum(len(s) for s in self.starts)
         self.rows_per_step = batch_size * world_size
-        if self.rows_per_epoch < self.rows_per_step:
+        # an evaluation split is read whole by iter_sequential (the last batch may be short): one row is enough
+        need = 1 if evaluation else self.rows_per_step
+        if self.rows_per_epoch < need:
             raise JojoError(
-                f"the '{split}' split of {data_dir} has {self.data.num_tokens} tokens: fewer than one batch of "
-                f"{self.rows_per_step} rows x {block_size + 1} tokens; use more data, a smaller --batch-size "
-                "or a shorter model.block_size"
+                f"the '{split}' split of {data_dir} has {self.data.num_tokens} tokens: fewer than "
+                f"{'one row' if evaluation else f'one batch of {self.rows_per_step} rows'} x {block_size + 1} tokens; "
+                "use more data, a smaller --batch-size or a shorter model.block_size"
             )
         self.epoch = 0
         self.position = 0  # rows of this epoch already consumed (by all ranks together)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,8 +57,13 @@ class FitResult:
         return (self.run_dir / "latest").resolve()
 
 
+UNBOUNDED = 10**12  # the step "budget" of a run that a time budget ends
+
+
 def total_steps(cfg: TrainConfig, steps_per_epoch: int, tokens_per_step: int) -> int:
     s = cfg.schedule
+    if s.max_seconds:  # a time budget ends the run at its deadline; a step count would only cut it short
+        return UNBOUNDED
     if s.max_steps:
         return s.max_steps
     if s.epochs:
@@ -114,6 +120,7 @@ class Run:
     state_dict_fn: Callable[[], dict] | None = None
     monitor: object = None
     bar: object = None
+    plain_log: bool = False
     step: int = 0
     start_step: int = 0
     tokens_seen: int = 0
@@ -126,6 +133,16 @@ class Run:
     loss_tokens: int = 0  # how many tokens they are
     t_window: float = 0.0
     tok_window: int = 0
+    elapsed_before: float = 0.0  # training seconds of the run before this process (a resumed run)
+    t_start: float = 0.0
+
+    @property
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.t_start
+
+    @property
+    def out_of_time(self) -> bool:
+        return bool(self.cfg.schedule.max_seconds) and self.elapsed >= self.cfg.schedule.max_seconds
 
 
 def fit(
@@ -153,16 +170,17 @@ def fit(
         restore(run, resume_from)
     open_monitor(run, resumed=resume_from is not None, quiet=quiet)
     log = cfg.logging
-    t_start = t_last_save = run.t_window = time.time()
+    t_start = t_last_save = run.t_window = run.t_start = time.time()
     interrupted = stopped_early = False
     with _StopFlag() as stop:
         while run.step < run.steps:
             optimizer_step(run)
-            if run.step % log.log_interval == 0 or run.step == run.steps:
+            out_of_time = run.out_of_time
+            if run.step % log.log_interval == 0 or run.step == run.steps or out_of_time:
                 log_progress(run, time.time() - t_start)
             if run.bar:
                 run.bar.update(1)
-            last = run.step == run.steps or stop.raised
+            last = run.step == run.steps or stop.raised or out_of_time
             if run.step % log.eval_interval == 0 or last:
                 stopped_early = evaluate_and_save(run) and not last
                 t_last_save = time.time()
@@ -173,6 +191,8 @@ def fit(
                 t_last_save = time.time()
             if stop.raised:
                 interrupted = True
+                break
+            if out_of_time:
                 break
             if stopped_early:
                 if run.monitor:
@@ -211,6 +231,12 @@ def restore(run: Run, resume_from: Path) -> None:
     run.step = run.start_step = meta["step"]
     run.best_val = meta.get("best_val_loss", math.inf) or math.inf
     run.tokens_seen = meta.get("tokens_seen", 0)
+    run.elapsed_before = meta.get("elapsed", 0.0)
+    if run.cfg.schedule.max_seconds and run.elapsed_before >= run.cfg.schedule.max_seconds:
+        raise JojoError(
+            f"the checkpoint is at {run.elapsed_before:.0f} s, already at the time budget of "
+            f"{run.cfg.schedule.max_seconds:.0f} s; raise --time-budget to train further"
+        )
     if run.step >= run.steps:
         raise JojoError(
             f"the checkpoint is at step {run.step}, already at the budget of {run.steps} steps; "
@@ -228,9 +254,13 @@ def open_monitor(run: Run, resumed: bool, quiet: bool) -> None:
     if not resumed:
         run.cfg.save(Path(run.cfg.logging.out_dir) / "run_config.json")
     if run.cfg.logging.progress and not quiet:
+        if not sys.stderr.isatty():  # a log file gets one plain line per log interval, not hundreds of \r updates
+            run.plain_log = True
+            return
         from tqdm import tqdm
 
-        run.bar = tqdm(total=run.steps, initial=run.step, desc="train", dynamic_ncols=True, leave=True)
+        total = None if run.steps == UNBOUNDED else run.steps
+        run.bar = tqdm(total=total, initial=run.step, desc="train", dynamic_ncols=True, leave=True)
 
 
 def optimizer_step(run: Run) -> None:
@@ -242,7 +272,8 @@ def optimizer_step(run: Run) -> None:
     scaled by its share of the step's tokens (times the world size, since DDP/FSDP average gradients over ranks)."""
     cfg, rt, opt = run.cfg, run.rt, run.optimizer
     accum = cfg.optimizer.grad_accum
-    mult = lr_multiplier(run.step, run.steps, cfg.schedule)
+    budget = cfg.schedule.max_seconds
+    mult = lr_multiplier(run.step, run.steps, cfg.schedule, run.elapsed / budget if budget else None)
     for group in opt.param_groups:
         group["lr"] = group["base_lr"] * mult
     batches = [run.train_source.next_batch() for _ in range(accum)]
@@ -308,11 +339,14 @@ def log_progress(run: Run, elapsed: float) -> None:
     if run.monitor:
         run.monitor.log("train", run.step, loss=run.train_loss, lr=lr, tokens_per_second=tps, mfu=mfu,
                         tokens_seen=run.tokens_seen, elapsed=elapsed)  # fmt: skip
+    post = {"loss": f"{run.train_loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tps:,.0f}"}
+    if mfu is not None:
+        post["mfu"] = f"{100 * mfu:.1f}%"
     if run.bar:
-        post = {"loss": f"{run.train_loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tps:,.0f}"}
-        if mfu is not None:
-            post["mfu"] = f"{100 * mfu:.1f}%"
         run.bar.set_postfix(post, refresh=False)
+    elif run.plain_log:
+        of = "" if run.steps == UNBOUNDED else f"/{run.steps}"
+        print(f"step {run.step}{of}: " + ", ".join(f"{k} {v}" for k, v in post.items()), file=sys.stderr, flush=True)
 
 
 def evaluate_and_save(run: Run) -> bool:
@@ -352,6 +386,7 @@ def save(run: Run, val_loss: float | None, is_best: bool) -> None:
         "best_val_loss": run.best_val if run.best_val < math.inf else None,
         "val_loss": val_loss,
         "tokens_seen": run.tokens_seen,
+        "elapsed": run.elapsed,
         "data": run.train_source.state_dict(),
         "run_config": run.cfg.to_dict(),
         **(run.extra_state or {}),

@@ -50,7 +50,7 @@ def build_loaders(cfg: TrainConfig, rt: Runtime, block_size: int) -> tuple[Batch
     train = BatchLoader(
         cfg.data.dataset, "train", rank=rt.rank, world_size=rt.world_size, doc_aligned=cfg.data.doc_aligned, **common
     )
-    val = BatchLoader(cfg.data.dataset, "val", shuffle=False, **common)
+    val = BatchLoader(cfg.data.dataset, "val", shuffle=False, evaluation=True, **common)
     return train, val
 
 

@@ -1,4 +1,6 @@
-"""Learning-rate schedules: a multiplier of the peak LR as a function of the step.
+"""Learning-rate schedules: a multiplier of the peak LR as a function of the step (or, under a time budget,
+of the elapsed fraction of the budget: `progress`, so warm-up, decay and the end land at the deadline whatever
+the machine's speed; warm-up stays in steps).
 
 - cosine:   linear warmup, then cosine decay from 1 to min_lr_ratio at the last step.
 - wsd:      warmup-stable-decay: linear warmup, constant, then a linear decay to min_lr_ratio over the last
@@ -14,7 +16,9 @@ import math
 from jojo.config import ScheduleConfig
 
 
-def lr_multiplier(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
+def lr_multiplier(step: int, total_steps: int, cfg: ScheduleConfig, progress: float | None = None) -> float:
+    if progress is not None:
+        return _by_progress(step, cfg, progress)
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     if warmup and step < warmup:
         return (step + 1) / warmup
@@ -30,3 +34,17 @@ def lr_multiplier(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
         return 1.0
     progress = min((step - decay_start + 1) / decay_steps, 1.0)
     return 1.0 - (1.0 - lo) * progress
+
+
+def _by_progress(step: int, cfg: ScheduleConfig, progress: float) -> float:
+    """The schedule over a fraction of a time budget: warm-up for `warmup_steps` steps, then the decay shape
+    over the fraction of the budget in [0, 1] (cosine over all of it; wsd over its last `decay_fraction`)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.decay == "constant":
+        return 1.0
+    lo, p = cfg.min_lr_ratio, min(max(progress, 0.0), 1.0)
+    if cfg.decay == "cosine":
+        return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * p))
+    start = 1.0 - cfg.decay_fraction
+    return 1.0 if p < start else 1.0 - (1.0 - lo) * min((p - start) / cfg.decay_fraction, 1.0)
