@@ -146,8 +146,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return (path / "latest").resolve()
     for sub, what in (("sft", "chat model"), ("model", "pretrained model")):
         if (path / sub / "latest" / WEIGHTS).is_file():
-            if path not in _NOTED:
-                _NOTED.add(path)
+            if path / sub not in _NOTED:
+                _NOTED.add(path / sub)
                 print(f"jojo: {path} holds runs; using {path / sub} (the {what})", file=sys.stderr)
             return (path / sub / "latest").resolve()
     if not path.exists():
