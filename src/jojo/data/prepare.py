@@ -274,6 +274,65 @@ def _limit_docs(blocks: Iterable[Block], max_docs: int) -> Iterator[Block]:
             return
 
 
+class _Collector:
+    """Receives encoded blocks in input order: writes each split's tokens to its shards and keeps the counts."""
+
+    def __init__(self, out_dir: Path, dtype, shard_tokens: int, total_bytes: int | None, progress: bool):
+        self.writers = {s: ShardWriter(out_dir, s, dtype, shard_tokens) for s in SPLITS}
+        self.stats = {s: {"docs": 0, "tokens": 0, "bytes": 0, "bits": 0.0, "with_bits": 0} for s in SPLITS}
+        self.encoders: dict[str, str] = {}
+        self.read_bytes = 0
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="prepare",
+                            mininterval=0.5, smoothing=0.05)  # fmt: skip
+
+    def __call__(self, result: dict, nbytes: int) -> None:
+        for split, (tokens, ndocs, nbytes_text, nbits, with_bits) in result["splits"].items():
+            self.writers[split].write(tokens)
+            st = self.stats[split]
+            st["docs"] += ndocs
+            st["tokens"] += len(tokens)
+            st["bytes"] += nbytes_text
+            st["bits"] += nbits
+            st["with_bits"] += with_bits
+        self.encoders[result["encoder"]] = result["note"]
+        self.read_bytes += nbytes
+        if self.bar is not None:
+            self.bar.update(nbytes)
+            self.bar.set_postfix(tokens=f"{sum(s['tokens'] for s in self.stats.values()):,}", refresh=False)
+
+    def close(self) -> dict[str, list[dict]]:
+        if self.bar is not None:
+            self.bar.close()
+        return {split: w.close() for split, w in self.writers.items()}
+
+    def splits(self, shards: dict[str, list[dict]]) -> dict:
+        """meta.json's per-split counts (and entropy floors when every document carries its bits)."""
+        stats = self.stats
+        total_docs = sum(st["docs"] for st in stats.values())
+        if total_docs == 0:
+            raise JojoError("the corpus is empty: no documents found; check the file, its format and --split-on")
+        if stats["val"]["docs"] == 0 or stats["train"]["docs"] == 0:
+            raise JojoError(
+                f"the corpus has only {total_docs} document(s): too few for both a train and a val split; "
+                "add documents, split them finer (--split-on) or raise --val-fraction"
+            )
+        all_bits = all(st["with_bits"] == st["docs"] for st in stats.values())
+        splits = {}
+        for split in SPLITS:
+            st = stats[split]
+            info = {"docs": st["docs"], "tokens": st["tokens"], "bytes": st["bytes"], "shards": shards[split]}
+            if all_bits:
+                info["bits"] = st["bits"]
+                if st["bytes"]:
+                    info["entropy_floor_bpb"] = st["bits"] / st["bytes"]
+            splits[split] = info
+        return splits
+
+
 def prepare_source(
     source: Source,
     tokenizer: Tokenizer,
@@ -303,34 +362,8 @@ def prepare_source(
     dtype = token_dtype(tokenizer.vocab_size)
     auto = workers <= 0
     workers = default_workers() if auto else workers
-    writers = {s: ShardWriter(out_dir, s, dtype, shard_tokens) for s in SPLITS}
-    stats = {s: {"docs": 0, "tokens": 0, "bytes": 0, "bits": 0.0, "with_bits": 0} for s in SPLITS}
-    encoders: dict[str, str] = {}
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=source.total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="prepare",
-                   mininterval=0.5, smoothing=0.05)  # fmt: skip
+    collect = _Collector(out_dir, dtype, shard_tokens, source.total_bytes, progress)
     started = time.perf_counter()
-    read_bytes = 0
-
-    def consume(result: dict, nbytes: int) -> None:
-        nonlocal read_bytes
-        for split, (tokens, ndocs, nbytes_text, nbits, with_bits) in result["splits"].items():
-            writers[split].write(tokens)
-            st = stats[split]
-            st["docs"] += ndocs
-            st["tokens"] += len(tokens)
-            st["bytes"] += nbytes_text
-            st["bits"] += nbits
-            st["with_bits"] += with_bits
-        encoders[result["encoder"]] = result["note"]
-        read_bytes += nbytes
-        if bar is not None:
-            bar.update(nbytes)
-            bar.set_postfix(tokens=f"{sum(s['tokens'] for s in stats.values()):,}", refresh=False)
-
     blocks = source.blocks()
     if max_docs > 0:
         blocks = _limit_docs(blocks, max_docs)
@@ -341,41 +374,17 @@ def prepare_source(
         if workers == 1 or auto:
             encode = _BlockEncoder(tokenizer, seed, val_fraction, test_fraction, fast)
             for block in blocks:
-                consume(encode(block), block.nbytes)
-                if auto and workers > 1 and read_bytes >= POOL_AFTER:
+                collect(encode(block), block.nbytes)
+                if auto and workers > 1 and collect.read_bytes >= POOL_AFTER:
                     break
-        if not _run_pool(blocks, tokenizer, workers, (seed, val_fraction, test_fraction, fast), consume):
+        if not _run_pool(blocks, tokenizer, workers, (seed, val_fraction, test_fraction, fast), collect):
             workers = 1  # everything was encoded in-process
-    except BaseException:
-        for w in writers.values():
-            w.close()
-        raise
     finally:
-        if bar is not None:
-            bar.close()
+        shards = collect.close()  # on an error too: no shard file is left open
     seconds = time.perf_counter() - started
-    shards = {split: w.close() for split, w in writers.items()}
-
-    total_docs = stats["train"]["docs"] + stats["val"]["docs"] + stats["test"]["docs"]
-    if total_docs == 0:
-        raise JojoError("the corpus is empty: no documents found; check the file, its format and --split-on")
-    if stats["val"]["docs"] == 0 or stats["train"]["docs"] == 0:
-        raise JojoError(
-            f"the corpus has only {total_docs} document(s): too few for both a train and a val split; "
-            "add documents, split them finer (--split-on) or raise --val-fraction"
-        )
-    all_bits = all(st["with_bits"] == st["docs"] for st in stats.values())
-    splits = {}
-    for split in SPLITS:
-        st = stats[split]
-        info = {"docs": st["docs"], "tokens": st["tokens"], "bytes": st["bytes"], "shards": shards[split]}
-        if all_bits:
-            info["bits"] = st["bits"]
-            if st["bytes"]:
-                info["entropy_floor_bpb"] = st["bits"] / st["bytes"]
-        splits[split] = info
+    splits = collect.splits(shards)
     tokenizer.save(out_dir)
-    fallback_notes = [note for kind, note in encoders.items() if kind == "tokenizers" and note]
+    fallback_notes = [note for kind, note in collect.encoders.items() if kind == "tokenizers" and note]
     meta = {
         "version": PREPARE_VERSION,
         "tokenizer_hash": tokenizer.hash,
@@ -390,9 +399,9 @@ def prepare_source(
         "cache_key": cache_key,
         "build": {
             "seconds": round(seconds, 3),
-            "input_bytes": read_bytes,
+            "input_bytes": collect.read_bytes,
             "workers": workers,
-            "encoder": "+".join(sorted(encoders)) or "none",
+            "encoder": "+".join(sorted(collect.encoders)) or "none",
             **({"encoder_note": fallback_notes[0]} if fallback_notes else {}),
         },
         **(extra_meta or {}),

@@ -69,37 +69,29 @@ def _fmt(x) -> str:
     return f"{x:,}" if isinstance(x, int) else str(x)
 
 
-def model_card(
-    model,
-    tok: Tokenizer,
-    state: dict,
-    ckpt_dir: Path,
-    run_dir: Path | None,
-    has_plot: bool,
-    dtype: str,
-    repo_id: str | None = None,
-    gguf_file: str | None = None,
-) -> str:
+def _architecture_rows(model, tok: Tokenizer, dtype: str) -> list[tuple[str, object]]:
     cfg = model.config
-    hf_class = "GPT2LMHeadModel" if export_arch(cfg) == "gpt2" else "LlamaForCausalLM"
-    n_params = model.num_params()
-    where = repo_id or "PATH_TO_THIS_FOLDER"
-    name = repo_id.split("/")[-1] if repo_id else f"jojo-{cfg.family}-{n_params / 1e6:.1f}M"
-    step = state.get("step")
-    arch_rows = [
+    arch = export_arch(cfg)
+    hf_class = "GPT2LMHeadModel" if arch == "gpt2" else "LlamaForCausalLM"
+    heads = cfg.n_head if cfg.n_kv_head == cfg.n_head else f"{cfg.n_head} ({cfg.n_kv_head} KV heads)"
+    return [
         ("family", f"{cfg.family} (transformers `{hf_class}`)"),
-        ("parameters", f"{n_params:,} ({model.num_params(non_embedding=True):,} non-embedding)"),
+        ("parameters", f"{model.num_params():,} ({model.num_params(non_embedding=True):,} non-embedding)"),
         ("layers", cfg.n_layer),
         ("embedding size", cfg.n_embd),
-        ("attention heads", cfg.n_head if cfg.n_kv_head == cfg.n_head else f"{cfg.n_head} ({cfg.n_kv_head} KV heads)"),
-        ("MLP hidden size", f"{cfg.mlp_hidden} ({'GELU' if export_arch(cfg) == 'gpt2' else 'SwiGLU'})"),
+        ("attention heads", heads),
+        ("MLP hidden size", f"{cfg.mlp_hidden} ({'GELU' if arch == 'gpt2' else 'SwiGLU'})"),
         ("context length", cfg.block_size),
         ("vocabulary", f"{tok.vocab_size:,} tokens (byte-level BPE), embedding padded to {cfg.vocab_size:,}"),
-        ("positions", "learned absolute" if export_arch(cfg) == "gpt2" else f"RoPE (theta {cfg.rope_theta:g})"),
+        ("positions", "learned absolute" if arch == "gpt2" else f"RoPE (theta {cfg.rope_theta:g})"),
         ("tied input/output embeddings", "yes" if cfg.tie_embeddings else "no"),
         ("weights dtype", dtype),
     ]
-    train_rows = [
+
+
+def _training_rows(state: dict, run_dir: Path | None) -> list[tuple[str, object]]:
+    step = state.get("step")
+    rows = [
         ("training data", _dataset_line(state)),
         ("optimizer steps", _fmt(step)),
         ("tokens seen", _fmt(state.get("tokens_seen"))),
@@ -108,36 +100,16 @@ def model_card(
         ("best validation loss", _fmt(state.get("best_val_loss"))),
     ]
     if state.get("val_bpb") is not None:
-        train_rows.append(("validation bits per byte", _fmt(state["val_bpb"])))
-    table = lambda rows: "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)  # noqa: E731
+        rows.append(("validation bits per byte", _fmt(state["val_bpb"])))
+    return rows
+
+
+def _table(rows: list[tuple[str, object]]) -> str:
+    return "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+
+
+def _usage_lines(where: str, repo_id: str | None, gguf_file: str | None) -> list[str]:
     lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: text-generation",
-        "tags:",
-        "- jojo",
-        f"- {cfg.family}",
-        "- text-generation",
-        "---",
-        "",
-        f"# {name}",
-        "",
-        f"A {cfg.family}-family language model trained from scratch with Jojo "
-        f"(checkpoint `{ckpt_dir.name}`). It loads in `transformers` with no custom code.",
-        "",
-        "## Architecture",
-        "",
-        table(arch_rows),
-        "## Training",
-        "",
-        table(train_rows),
-    ]
-    if has_plot:
-        lines += ["![training and validation loss](loss.png)", ""]
-    lines += [
-        "Losses are mean cross-entropy in nats per token with this model's tokenizer: comparable only between "
-        "models that share it.",
-        "",
         "## Use it",
         "",
         "```python",
@@ -175,4 +147,52 @@ def model_card(
             "```",
             "",
         ]
+    return lines
+
+
+def model_card(
+    model,
+    tok: Tokenizer,
+    state: dict,
+    ckpt_dir: Path,
+    run_dir: Path | None,
+    has_plot: bool,
+    dtype: str,
+    repo_id: str | None = None,
+    gguf_file: str | None = None,
+) -> str:
+    """README.md of an exported folder: front matter, architecture, training, the loss plot, how to use it."""
+    cfg = model.config
+    where = repo_id or "PATH_TO_THIS_FOLDER"
+    name = repo_id.split("/")[-1] if repo_id else f"jojo-{cfg.family}-{model.num_params() / 1e6:.1f}M"
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags:",
+        "- jojo",
+        f"- {cfg.family}",
+        "- text-generation",
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"A {cfg.family}-family language model trained from scratch with Jojo "
+        f"(checkpoint `{ckpt_dir.name}`). It loads in `transformers` with no custom code.",
+        "",
+        "## Architecture",
+        "",
+        _table(_architecture_rows(model, tok, dtype)),
+        "## Training",
+        "",
+        _table(_training_rows(state, run_dir)),
+    ]
+    if has_plot:
+        lines += ["![training and validation loss](loss.png)", ""]
+    lines += [
+        "Losses are mean cross-entropy in nats per token with this model's tokenizer: comparable only between "
+        "models that share it.",
+        "",
+        *_usage_lines(where, repo_id, gguf_file),
+    ]
     return "\n".join(lines)
