@@ -4,9 +4,11 @@ The model is random-init (speed does not depend on what the weights say), writte
 exported with `jojo.export.hf.export_hf`, and loaded back by transformers, so both sides run identical weights
 on the same device and dtype. Three contenders decode `--new-tokens` greedy tokens after a short prompt:
 
-- jojo:        `generate_stream` with its KV cache (the engine every Jojo command uses);
+- jojo:        `generate_stream` with its KV cache on the model as `jojo.LM.load` prepares it for inference
+               (`jojo.infer.decode.convert_for_decoding`: one-row kernels timed per weight shape at load);
 - transformers: `model.generate(do_sample=False)` with its default dynamic KV cache;
-- no-cache:    `generate_stream(use_cache=False)`, nanoGPT's loop, re-running the whole sequence per token (the floor).
+- no-cache:    `generate_stream(use_cache=False)` on the plain model, nanoGPT's loop, re-running the whole sequence
+               per token (the floor).
 
 Each timing is one whole generation (prefill included) divided by the tokens it produced. The contenders take
 turns in each of `--repeats` rounds (after a warm-up round); we report each one's median tokens/s and, as the
@@ -32,6 +34,7 @@ import torch
 from jojo.checkpoint import write_checkpoint
 from jojo.config import ModelConfig
 from jojo.export.hf import export_hf
+from jojo.infer.decode import convert_for_decoding
 from jojo.infer.engine import SamplingConfig, generate_stream
 from jojo.model import GPT
 from jojo.tokenizer import train_tokenizer
@@ -101,6 +104,11 @@ def main() -> None:
         folder = export_hf(Path(tmp) / "run", Path(tmp) / "hf", dtype=args.dtype)
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     model = model.to(device=device, dtype=dtype).eval()
+    plain = GPT(cfg).to(device=device, dtype=dtype).eval()
+    plain.load_state_dict(model.state_dict())
+    t0 = time.perf_counter()
+    convert_for_decoding(model)  # what LM.load does; a no-op off CPU float32
+    convert_ms = 1000 * (time.perf_counter() - t0)
 
     prompt = tok.encode("Once upon a time, a little girl named Mia found a red ball in the park.")
     sc = SamplingConfig(max_tokens=args.new_tokens, temperature=0.0)
@@ -109,7 +117,8 @@ def main() -> None:
     hf.generation_config.pad_token_id = tok.eot_id
 
     def run_jojo(use_cache: bool = True) -> list[int]:
-        return list(generate_stream(model, prompt, sc, tok.vocab_size, use_cache=use_cache))
+        m = model if use_cache else plain
+        return list(generate_stream(m, prompt, sc, tok.vocab_size, use_cache=use_cache))
 
     @torch.inference_mode()
     def run_hf() -> list[int]:
@@ -123,6 +132,8 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     print(f"prompt {len(prompt)} tokens, {args.new_tokens} new tokens, median of {args.repeats} runs (+1 warm-up)")
+    kernels = getattr(model, "decode_kernels", {})
+    print(f"decode conversion: {convert_ms:.0f} ms, kernels per weight shape (out x in): {kernels}")
     contenders = {"jojo (KV cache)": run_jojo, "transformers generate": run_hf}
     if not args.skip_floor:
         contenders["no-cache (nanoGPT-style)"] = lambda: run_jojo(use_cache=False)
