@@ -31,7 +31,7 @@ from jojo.model import GPT
 from jojo.tokenizer import Tokenizer
 from jojo.train.optim import build_optimizer
 from jojo.train.schedule import lr_multiplier
-from jojo.train.system import Runtime, peak_flops, seed_everything, wrap_for_training
+from jojo.train.system import Runtime, batch_to_device, peak_flops, seed_everything, wrap_for_training
 
 
 @dataclass
@@ -211,10 +211,9 @@ def fit(
                 group["lr"] = group["base_lr"] * mult
             loss_sum = torch.zeros((), device=rt.device)
             for micro in range(cfg.optimizer.grad_accum):
-                batch = train_source.next_batch()
-                x = batch["input_ids"].to(rt.device, non_blocking=True)
-                y = batch["targets"].to(rt.device, non_blocking=True)
-                kwargs = {"doc_ids": batch["doc_ids"].to(rt.device)} if "doc_ids" in batch else {}
+                batch = batch_to_device(train_source.next_batch(), rt.device)  # pinned, non-blocking on CUDA
+                x, y = batch["input_ids"], batch["targets"]
+                kwargs = {"doc_ids": batch["doc_ids"]} if "doc_ids" in batch else {}
                 sync = micro == cfg.optimizer.grad_accum - 1
                 ctx = contextlib.nullcontext()
                 if rt.fsdp:
