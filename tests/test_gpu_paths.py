@@ -239,7 +239,7 @@ def test_no_recompilation_at_evaluation_or_on_its_smaller_last_batch(prepared, t
     counters.clear()
     tree = engine_tree(prepared, tmp_path / "run", data={"dataset": str(prepared), "batch_size": batch})
     tree["schedule"].update(max_steps=3, warmup_steps=1)
-    tree["logging"].update(eval_interval=2, eval_iters=0)
+    tree["logging"].update(eval_interval=2, eval_iters=0, sample_tokens=48)  # sampling decodes in between too
     tree["system"]["compile"] = True
     try:
         with torch._dynamo.config.patch(error_on_recompile=True):
