@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
 
     def step() -> torch.Tensor:
         with rt.autocast():
-            _, loss = train_model(x, y)
+            loss = train_model(x, y)[1]  # as the loop: the logits are not kept through backward
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             for opt in optimizer.optimizers:

@@ -60,7 +60,7 @@ def train_losses(run_dir) -> list[float]:
 def one_step(model, opt, rt, x, scaler=None):
     """The loop's step (jojo.train.loop.fit): autocast forward, (scaled) backward, unscale, clip, step."""
     with rt.autocast():
-        _, loss = model(x[:, :-1], x[:, 1:])
+        loss = model(x[:, :-1], x[:, 1:])[1]
     (scaler.scale(loss) if scaler else loss).backward()
     if scaler:
         for o in opt.optimizers:

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import sys
 import types
+import weakref
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,25 @@ def test_training_steps_read_nothing_back_from_the_device(prepared, tmp_path, mo
 
     four, eight = count(4), count(8)
     assert len(four) == len(eight), sorted(set(eight) - set(four)) or eight
+
+
+def test_the_logits_are_freed_before_backward(prepared, tmp_path, monkeypatch):
+    """[B, T, V] logits (1.6 GB for GPT-2 124M at batch 16 in bf16) must not stay alive through the backward pass:
+    the loop keeps only the loss."""
+    real = GPT.forward
+    alive = []
+
+    def spy(self, *a, **k):
+        logits, loss = real(self, *a, **k)
+        if loss is not None and torch.is_grad_enabled():
+            ref = weakref.ref(logits)
+            loss.register_hook(lambda g: alive.append(ref() is not None))  # runs as backward starts
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", spy)
+    tree = engine_tree(prepared, tmp_path / "run", schedule={"max_steps": 2, "warmup_steps": 1})
+    run_training(load_config(None, tree), quiet=True)
+    assert alive and not any(alive)
 
 
 def test_no_recompilation_at_evaluation_or_on_its_smaller_last_batch(prepared, tmp_path, monkeypatch):

@@ -221,7 +221,7 @@ def fit(
                 elif rt.distributed and not sync:
                     ctx = train_model.no_sync()
                 with ctx, rt.autocast():
-                    _, loss = train_model(x, y, **kwargs)
+                    loss = train_model(x, y, **kwargs)[1]  # not kept: the [B, T, V] logits would live through backward
                     loss = loss / cfg.optimizer.grad_accum
                 (scaler.scale(loss) if scaler else loss).backward()
                 loss_sum += loss.detach()
