@@ -94,10 +94,10 @@ def stage_tests(out: Path, timeout: float) -> dict:
     detail = f"{counts['pass']} passed, {counts['fail']} failed, {counts['skipped']} skipped"
     if reasons:
         detail += f" ({'; '.join(r.removeprefix('Skipped: ') for r in reasons)})"
-    ok = rc in (0, 5) and not counts["fail"] and tests
     if not tests:
-        detail = f"pytest exit {rc}: {tail(text)}"
-    return {"status": "pass" if ok else "fail", "detail": detail, "tests": tests, "figures": figures}
+        return {"status": "fail", "detail": f"pytest exit {rc}: {tail(text)}"}
+    status = "fail" if rc not in (0, 5) or counts["fail"] else "pass" if counts["pass"] else "skipped"
+    return {"status": status, "detail": detail, "tests": tests, "figures": figures}
 
 
 def stage_prepare(out: Path, timeout: float) -> dict:
