@@ -28,21 +28,25 @@ def evaluate_loss(
     """Mean loss (nats per predicted token) over the first `max_batches` batches of `source.iter_sequential`
     (0 = all) and the number of predicted tokens. Each batch's mean is weighted by its token count, so the
     result is the mean over tokens whatever the batch sizes."""
+    device = torch.device(device)
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    # Sums stay on the device and are read once at the end: a float()/int() per batch would make the host wait
+    # for the GPU at every batch instead of queueing the next one.
+    total = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
     for batch in source.iter_sequential(max_batches):
         x = batch["input_ids"].to(device)
         y = batch["targets"].to(device)
         kwargs = {"doc_ids": batch["doc_ids"].to(device)} if "doc_ids" in batch else {}
         with autocast(device, dtype):
             _, loss = model(x, y, **kwargs)
-        n = int((y != IGNORE_INDEX).sum())
-        if n:
-            total += float(loss) * n
-            count += n
+        n = (y != IGNORE_INDEX).sum()
+        total += torch.where(n > 0, loss.to(total.dtype) * n, 0.0)  # a batch without targets has a NaN mean: skip it
+        count += n
     model.train(was_training)
-    return (total / count if count else float("nan")), count
+    count = int(count)
+    return (float(total) / count if count else float("nan")), count
 
 
 def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:

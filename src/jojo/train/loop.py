@@ -34,7 +34,7 @@ from jojo.model import GPT, IGNORE_INDEX
 from jojo.tokenizer import Tokenizer
 from jojo.train.optim import build_optimizer
 from jojo.train.schedule import lr_multiplier
-from jojo.train.system import Runtime, peak_flops, seed_everything, wrap_for_training
+from jojo.train.system import Runtime, batch_to_device, peak_flops, seed_everything, wrap_for_training
 
 
 @dataclass
@@ -288,9 +288,9 @@ def optimizer_step(run: Run) -> None:
     if run.loss_sum is None:
         run.loss_sum = torch.zeros((), device=rt.device)
     for micro, (batch, n) in enumerate(zip(batches, counts)):
-        x = batch["input_ids"].to(rt.device, non_blocking=True)
-        y = batch["targets"].to(rt.device, non_blocking=True)
-        kwargs = {"doc_ids": batch["doc_ids"].to(rt.device)} if "doc_ids" in batch else {}
+        batch = batch_to_device(batch, rt.device)  # pinned, non-blocking on CUDA
+        x, y = batch["input_ids"], batch["targets"]
+        kwargs = {"doc_ids": batch["doc_ids"]} if "doc_ids" in batch else {}
         sync = micro == accum - 1
         ctx = contextlib.nullcontext()
         if rt.fsdp:
@@ -298,7 +298,7 @@ def optimizer_step(run: Run) -> None:
         elif rt.distributed and not sync:
             ctx = run.train_model.no_sync()
         with ctx, rt.autocast():
-            _, loss = run.train_model(x, y, **kwargs)
+            loss = run.train_model(x, y, **kwargs)[1]  # not kept: the [B, T, V] logits would live through backward
             scaled = loss * (n * rt.world_size / total)
         (run.scaler.scale(scaled) if run.scaler else scaled).backward()
         run.loss_sum += loss.detach() * n

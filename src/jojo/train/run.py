@@ -20,9 +20,12 @@ from jojo.train.loop import FitResult, fit, total_steps
 from jojo.train.optim import build_optimizer
 from jojo.train.system import (
     Runtime,
+    activation_bytes,
     cuda_fits,
     fit_micro_batch,
+    optimizer_state_bytes,
     plan_batch,
+    probe_reserve,
     seed_everything,
     setup_runtime,
     teardown_runtime,
@@ -67,7 +70,9 @@ def resolve_batch(cfg: TrainConfig, rt: Runtime, model: GPT) -> TrainConfig:
             )
         global_rows = data.global_batch or 0
         limit = max(global_rows // rt.world_size, 1) if global_rows else 1024
-        micro = fit_micro_batch(cuda_fits(model, rt, model.config.block_size, model.config.vocab_size), limit)
+        reserve = probe_reserve(model, rt, opt.name, torch.cuda.get_device_properties(rt.device).total_memory)
+        fits = cuda_fits(model, rt, model.config.block_size, model.config.vocab_size, reserve)
+        micro = fit_micro_batch(fits, limit)
         if micro == 0:
             raise JojoError("not even a micro-batch of 1 row fits in GPU memory; use a smaller model or block_size")
         if not global_rows:
@@ -97,25 +102,23 @@ def memory_estimate(cfg: TrainConfig, model: GPT, rt: Runtime) -> dict[str, floa
         weights     4 P                       (P parameters, each shared tensor once)
         gradients   4 P
         optimizer   AdamW: 8 P (exp_avg, exp_avg_sq); Muon: 4 P_hidden (momentum) + 8 P_rest
-        activations n_layer * B * T * C * 34 * (bytes of the autocast dtype / 2)   [Korthikanti et al. 2022,
-                    "Reducing Activation Recomputation", without the 5*h*T/C attention-score term: SDPA's
-                    flash/memory-efficient kernels never store the T x T scores]
-                    + B * T * V * 8                                   (float32 logits and their log-softmax)
+        activations `system.activation_bytes` (per layer ~34-56 bytes x C per token in bf16, plus 12 V bytes per
+                    token around the loss) + 2 bytes per matmul weight under 16-bit autocast (its cast copies)
 
-    B is the micro-batch, T the context, C the width, V the vocabulary. Under FSDP the first three are divided
-    by the number of processes. Allocator slack and temporary buffers come on top (budget ~10-20%)."""
+    Under FSDP the first three are divided by the number of processes. Allocator slack and temporary buffers
+    come on top (budget ~10-20%). This is the eager figure; a compiled step usually needs less."""
     c = model.config
     P = model.num_params()
-    hidden = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and n.startswith("blocks."))
-    opt = 4 * hidden + 8 * (P - hidden) if cfg.optimizer.name == "muon" else 8 * P
     shard = rt.world_size if rt.fsdp else 1
-    act_bytes = 2 if rt.dtype in (torch.bfloat16, torch.float16) else 4
-    B, T = max(cfg.data.batch_size, 1), c.block_size
+    B = max(cfg.data.batch_size, 1)
+    casts = 0
+    if rt.dtype in (torch.bfloat16, torch.float16):
+        casts = 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     est = {
         "weights": 4 * P / shard,
         "gradients": 4 * P / shard,
-        "optimizer": opt / shard,
-        "activations": c.n_layer * B * T * c.n_embd * 34 * act_bytes / 2 + B * T * c.vocab_size * 8,
+        "optimizer": optimizer_state_bytes(model, cfg.optimizer.name) / shard,
+        "activations": activation_bytes(c, B, rt.dtype) + casts,
     }
     est["total"] = sum(est.values())
     return est
@@ -184,7 +187,7 @@ def dry_run(cfg: TrainConfig, init_from: str | None = None, out=print) -> dict:
         out("memory per process (estimate): " + ", ".join(f"{k} {v / gib:.3f} GiB" for k, v in mem.items()))
         out(
             "  = 4P weights + 4P grads + 8P AdamW (Muon: 4 per hidden-matrix param) "
-            "+ L*B*T*C*34*(dtype bytes/2) activations + 8*B*T*V logits"
+            "+ activations (per layer and token ~34-56 x C bytes in bf16, + 12 V around the loss)"
         )
         out("dry run: nothing trained, nothing written")
         return report
