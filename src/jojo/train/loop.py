@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from jojo import checkpoint as ckpt_io
@@ -277,7 +278,8 @@ def optimizer_step(run: Run) -> None:
     for group in opt.param_groups:
         group["lr"] = group["base_lr"] * mult
     batches = [run.train_source.next_batch() for _ in range(accum)]
-    counts = [int((b["targets"] != IGNORE_INDEX).sum()) for b in batches]  # on the CPU batches: no device sync
+    # counted on the host batches (numpy), before they move: no device sync
+    counts = [int(np.count_nonzero(b["targets"].numpy() != IGNORE_INDEX)) for b in batches]
     total = sum(counts)
     if rt.distributed:
         t = torch.tensor([total], dtype=torch.long, device=rt.device)
