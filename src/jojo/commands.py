@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from jojo.errors import JojoError
+from jojo.errors import JojoError, ensure_dir
 
 EMBEDDED = "embedded"
 
@@ -119,7 +119,7 @@ def cmd_tokenizer_eval(args) -> None:
 
 
 def cmd_train(args, rest: list[str]) -> None:
-    from jojo.config import load_config
+    from jojo.config import load_config, parse_overrides
     from jojo.train.run import run_training
 
     cfg = load_config(args.config, rest)
@@ -137,7 +137,7 @@ def cmd_train(args, rest: list[str]) -> None:
 
         dry_run(cfg, init_from=args.init_from)
         return
-    result = run_training(cfg, resume=args.resume, init_from=args.init_from)
+    result = run_training(cfg, resume=args.resume, init_from=args.init_from, overrides=parse_overrides(rest))
     if int(os.environ.get("RANK", "0")):  # under torchrun, rank 0 alone reports
         return
     bpb = f", val {result.val_bpb:.4f} bpb" if result.val_bpb is not None else ""
@@ -149,7 +149,7 @@ def cmd_train(args, rest: list[str]) -> None:
 
 
 def cmd_sft(args, rest: list[str]) -> None:
-    from jojo.config import load_config
+    from jojo.config import load_config, parse_overrides
     from jojo.train.sft import run_sft
 
     init_from = args.init_from
@@ -173,6 +173,7 @@ def cmd_sft(args, rest: list[str]) -> None:
         val_fraction=args.val_fraction,
         embedded_n=args.embedded_chats,
         resume=args.resume,
+        overrides=parse_overrides(overrides),
     )
     fit = result.fit
     state = "interrupted and saved" if fit.interrupted else "done"
@@ -230,6 +231,7 @@ def cmd_generate(args) -> None:
         samples.append(text)
     if args.output:
         sep = "\n\n" + "-" * 40 + "\n\n"
+        ensure_dir(Path(args.output).parent)
         Path(args.output).write_text(sep.join(samples) + "\n", encoding="utf-8")
         print(f"samples -> {args.output}", file=sys.stderr)
 

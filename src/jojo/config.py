@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jojo.errors import JojoError
+from jojo.errors import JojoError, ensure_dir
 
 FAMILIES = ("gpt2", "llama")
 
@@ -155,6 +155,7 @@ class SystemConfig:
     tf32: bool = True  # CUDA float32 matmuls/convolutions on TF32 tensor cores
     seed: int = 1337
     threads: int = 0  # CPU threads for torch; 0 = torch's default
+    force: bool = False  # skip the start-up check that refuses a run whose memory estimate exceeds the device's
 
     def __post_init__(self) -> None:
         _check_choice("system.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
@@ -216,6 +217,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
+        ensure_dir(Path(path).parent)
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
@@ -252,6 +254,7 @@ FLAT_FLAGS = {
     "lora-rank": "lora.rank",
     "lora-alpha": "lora.alpha",
     "lora-targets": "lora.targets",
+    "force": "system.force",
 }
 
 

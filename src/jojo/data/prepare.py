@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from jojo.data.sources import Block, RecordSource, Source, parse_block
-from jojo.errors import JojoError
+from jojo.errors import JojoError, annotate
 from jojo.tokenizer import EOT, Tokenizer
 
 META_FILE = "meta.json"
@@ -96,6 +96,20 @@ class ShardWriter:
     def close(self) -> list[dict]:
         self._close_current()
         return self.shards
+
+    def abort(self) -> None:
+        """Close and delete everything written: a failed prepare (a full disk, Ctrl+C) leaves no shard and no
+        .tmp taking space (without meta.json they are unusable anyway)."""
+        if self._fh is not None:
+            try:
+                self._fh.close()
+            except OSError:  # its last flush fails again on a full disk; the file is closed all the same
+                pass
+            self._fh = None
+        for shard in self.shards:
+            for name in (shard["file"], shard["file"] + ".tmp"):
+                (self.out_dir / name).unlink(missing_ok=True)
+        self.shards = []
 
 
 # ---- encoding ----------------------------------------------------------------------------------------
@@ -346,9 +360,11 @@ def prepare_source(
                     break
         if not _run_pool(blocks, tokenizer, workers, (seed, val_fraction, test_fraction, fast), consume):
             workers = 1  # everything was encoded in-process
-    except BaseException:
+    except BaseException as exc:
         for w in writers.values():
-            w.close()
+            w.abort()
+        if isinstance(exc, OSError):
+            annotate(exc, doing="writing token shards", path=out_dir)
         raise
     finally:
         if bar is not None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from jojo.config import ModelConfig, read_json
-from jojo.errors import JojoError
+from jojo.errors import JojoError, ensure_dir
 from jojo.tokenizer import CHAT_TEMPLATE_JINJA, EOT, SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -334,7 +334,7 @@ def new_output_dir(out: str | Path) -> tuple[Path, Path]:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise JojoError(f"{out} already exists and is not empty; remove it or choose another output folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out.parent)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
