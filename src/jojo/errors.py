@@ -140,7 +140,8 @@ def environment_message(exc: BaseException, reduce: str | None = None, where=Non
     err = environment_error(exc)
     if err is None:
         return None
-    path = getattr(exc, "jojo_path", None) or getattr(err, "jojo_path", None) or err.filename or where
+    named = getattr(exc, "jojo_path", None) or getattr(err, "jojo_path", None)  # the folder a writer named
+    path = named or err.filename or where
     doing = getattr(exc, "jojo_doing", None) or getattr(err, "jojo_doing", None)
     after = getattr(exc, "jojo_after", None) or getattr(err, "jojo_after", None)
     path = os.fspath(path) if path is not None else None
@@ -149,8 +150,8 @@ def environment_message(exc: BaseException, reduce: str | None = None, where=Non
     code = err.errno
     if code in NO_SPACE:
         what = "disk quota exceeded" if code == errno.EDQUOT else "no space left on the device"
-        where = f" holding {_folder(path)}" if path else ""
-        return f"{what}{where}{while_}{tail}; free space there (or write somewhere else) and run again"
+        holding = f" holding {named or _folder(path)}" if path else ""
+        return f"{what}{holding}{while_}{tail}; free space there (or write somewhere else) and run again"
     if code in READ_ONLY:
         return (
             f"read-only file system: cannot write {path or 'the output'}{while_}{tail}; "

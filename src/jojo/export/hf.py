@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from jojo.config import ModelConfig, read_json
-from jojo.errors import JojoError, ensure_dir
+from jojo.errors import JojoError, annotate, ensure_dir
 from jojo.tokenizer import CHAT_TEMPLATE_JINJA, EOT, SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -338,7 +338,11 @@ def new_output_dir(out: str | Path) -> tuple[Path, Path]:
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as exc:  # name the folder the user asked for, not the temporary one beside it
+        annotate(exc, doing=f"creating {out}", path=out.parent)
+        raise
     return out, tmp
 
 

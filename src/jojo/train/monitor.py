@@ -73,7 +73,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         os.replace(tmp, out)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        annotate(exc, doing=f"drawing {out.name}", path=out)
+        annotate(exc, doing=f"drawing {out.name}", path=out.parent)
         raise
     finally:
         plt.close(fig)
@@ -138,7 +138,7 @@ class Monitor:
             self._fh.write(json.dumps(row) + "\n")
             self._fh.flush()
         except OSError as exc:  # a full disk: the OS names no file
-            annotate(exc, doing=f"appending to {METRICS_FILE}", path=self.run_dir / METRICS_FILE)
+            annotate(exc, doing=f"appending to {METRICS_FILE}", path=self.run_dir)
             raise
         scalars = {
             f"{event}/{k}": float(v)

@@ -136,6 +136,7 @@ def dry_run(cfg: TrainConfig, init_from: str | None = None, out=print) -> dict:
             cfg = dataclasses.replace(cfg, model=model.config)
         else:
             cfg = resolve_model_config(cfg, tokenizer)
+            check_context(cfg, meta)  # before allocating: a context longer than the data has no rows
             model = GPT(cfg.model).to(rt.device)
         if cfg.data.batch_size == 0 and rt.device.type != "cuda":
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=1))
@@ -186,6 +187,10 @@ def dry_run(cfg: TrainConfig, init_from: str | None = None, out=print) -> dict:
             f"{train_tokens:,} training tokens"
         )
         out("memory per process (estimate): " + ", ".join(f"{k} {v / gib:.3f} GiB" for k, v in mem.items()))
+        available = available_memory(rt.device)
+        if available is not None:
+            verdict = "fits" if mem["total"] <= available else "does not fit: training would refuse it (--force)"
+            out(f"memory available on {rt.device}: {available / gib:.3f} GiB; the estimate {verdict}")
         out(
             "  = 4P weights + 4P grads + 8P AdamW (Muon: 4 per hidden-matrix param) "
             "+ L*B*T*C*34*(dtype bytes/2) activations + 8*B*T*V logits"
@@ -281,18 +286,30 @@ def _check_same_tokenizer(ck_tok: Tokenizer, data_tok: Tokenizer, ckpt, dataset)
 # ---- start-up checks: what cannot fit, and what a checkpoint fixes --------------------------------------
 def check_fits(cfg: TrainConfig, rt: Runtime, meta: dict | None, loaded: GPT | None = None) -> None:
     """Refuse, before allocating anything, a run that cannot work: a context longer than a split of the data
-    (no row of block_size + 1 tokens exists), or a dry-run memory estimate (`memory_estimate`) above the memory
-    the device has available. `--force` (system.force) skips the memory check, not the data one.
+    (`check_context`), or a dry-run memory estimate above what the device has available (`check_memory`)."""
+    if meta:
+        check_context(cfg, meta)
+    check_memory(cfg, rt, loaded)
 
-    loaded: the model when it is already in memory (resume, --init-from): its parameters count as available."""
+
+def check_context(cfg: TrainConfig, meta: dict) -> None:
+    """A row is block_size + 1 tokens of one split: a context longer than a split has no row at all."""
     T = cfg.model.block_size
-    for split in ("train", "val") if meta else ():
+    for split in ("train", "val"):
         tokens = meta["splits"][split]["tokens"]
         if tokens < T + 1:
             raise JojoError(
                 f"model.block_size ({T:,}) is longer than the '{split}' split of {cfg.data.dataset} ({tokens:,} "
                 "tokens; a row needs block_size + 1); lower --block-size or prepare more data"
             )
+
+
+def check_memory(cfg: TrainConfig, rt: Runtime, loaded: GPT | None = None) -> None:
+    """Refuse a run whose `memory_estimate` exceeds the memory the device has available now; `--force`
+    (system.force) skips this. The estimate leaves out allocator slack, so a refusal is never a close call.
+
+    loaded: the model when it is already in memory (resume, --init-from): its parameters count as available."""
+    T = cfg.model.block_size
     if cfg.system.force or cfg.data.batch_size == 0:  # auto: the batch search measures what fits
         return
     available = available_memory(rt.device)
