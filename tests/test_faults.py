@@ -135,6 +135,42 @@ def test_environment_errors_are_one_line_with_the_path_and_the_fix(tmp_path):
         assert environment_message(bug) is None, bug
 
 
+def test_the_cli_prints_environment_failures_in_one_line_and_keeps_tracebacks_for_bugs(capsys, monkeypatch):
+    from jojo import commands
+
+    def real_oom(args):
+        torch.empty(2**50, dtype=torch.uint8)  # a petabyte: the CPU allocator refuses at once
+
+    monkeypatch.setattr(commands, "cmd_plot", real_oom)
+    rc, lines, _ = cli(capsys, "plot", "somewhere")
+    assert_one_line(rc, lines, "out of memory", "1048576.0 GiB", code=1)
+
+    def emfile(args):
+        raise OSError(errno.EMFILE, "Too many open files", "shard.bin")
+
+    monkeypatch.setattr(commands, "cmd_plot", emfile)
+    assert_one_line(*cli(capsys, "plot", "x")[:2], "too many open files", "shard.bin", "ulimit", code=1)
+
+    def bug(args):
+        raise RuntimeError("a bug, not the environment")
+
+    monkeypatch.setattr(commands, "cmd_plot", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli_main(["plot", "x"])
+
+
+def test_available_memory_asks_the_device(monkeypatch):
+    from jojo import device
+
+    cpu = device.available_memory(torch.device("cpu"))
+    assert cpu is None or cpu > 0
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (5 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 2 * 2**30)
+    assert device.available_memory(torch.device("cuda:0")) == 6 * 2**30  # free + cached but unused
+    assert device.available_memory(torch.device("mps")) is None
+
+
 # ---- one writer per run directory ------------------------------------------------------------------------------
 def test_second_writer_is_refused_while_the_first_trains(prepared, tmp_path, capsys):
     run = tmp_path / "run"

@@ -159,7 +159,7 @@ def environment_message(exc: BaseException, reduce: str | None = None, where=Non
         )
     if code in NO_PERMISSION:
         reason = "permission denied" if code == errno.EACCES else "operation not permitted"
-        fix = "give this user write access to it (chmod/chown) or choose another location"
+        fix = "give this user access to it (chmod/chown) or choose another location"
         if code == errno.EPERM:
             fix += " (an immutable file or folder: see lsattr)"
         return f"{reason}: {path or 'a file'}{while_}{tail}; {fix}"

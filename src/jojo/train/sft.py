@@ -385,7 +385,7 @@ def run_sft(
     from jojo.train.lock import RunLock
     from jojo.train.loop import fit
     from jojo.train.lora import apply_lora, lora_summary, merged_state_dict
-    from jojo.train.run import check_fits, keep_architecture, resume_line
+    from jojo.train.run import check_memory, keep_architecture, resume_line
     from jojo.train.system import setup_runtime, teardown_runtime
 
     run_dir = Path(cfg.logging.out_dir)
@@ -416,7 +416,8 @@ def run_sft(
         if resume_from is not None and rt.is_main and not quiet:
             say(resume_line(cfg, state, overrides, resume_from))
         cfg = dataclasses.replace(cfg, model=model.config)
-        check_fits(cfg, rt, None, loaded=model)
+        if not cfg.lora.rank:  # the estimate counts gradients and AdamW moments for every weight: not LoRA's case
+            check_memory(cfg, rt, loaded=model)
         block = model.config.block_size
         data = load_sft_data(
             tok,
