@@ -367,6 +367,37 @@ def test_a_real_full_disk(prepared, tmp_path, capsys):
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
+def test_prepare_on_a_full_disk_leaves_no_shards(prepared, corpus_file, tmp_path, capsys, monkeypatch):
+    from jojo.data import prepare as prepare_mod
+
+    real_write = prepare_mod.ShardWriter.write
+    calls = []
+
+    def write(self, tokens):
+        calls.append(1)
+        real_write(self, tokens)
+        if len(calls) == 2:  # the OS names no file when a write() finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prepare_mod.ShardWriter, "write", write)
+    out = tmp_path / "data"
+    args = ["prepare", "--source", corpus_file, "--tokenizer", prepared / "tokenizer.json", "--workers", 1]
+    rc, lines, _ = cli(capsys, *args, "--out", out)
+    assert_one_line(rc, lines, "no space left", f"holding {out} while writing token shards", code=1)
+    assert sorted(p.name for p in out.iterdir()) == []  # no shard, no .tmp, no meta.json
+    monkeypatch.undo()
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not _mount(["-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)]):
+        return  # the real full disk needs mount permission
+    try:
+        rc, lines, _ = cli(capsys, *args, "--out", disk / "data")
+        assert_one_line(rc, lines, "no space left", f"{disk / 'data'}", code=1)
+        assert [p.name for p in (disk / "data").iterdir()] == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
 # ---- kill -9 at random moments ---------------------------------------------------------------------------------
 # The child pauses briefly at three moments of each save (and says so in a log), so that a kill can land there:
 # after the weights are written and before the rest, before the rename into place, before `latest` moves.
@@ -417,10 +448,10 @@ def _kill_at_random_moments(prepared, tmp_path, kills: int, seed: int) -> None:
         deadline = time.time() + 120
         if moment == "anytime":
             time.sleep(rng.uniform(0.5, 8.0))  # start-up, training, evaluation or a save
-        else:  # the moment in this child's second save: its first one completed, so `latest` exists
-            want = f"{child.pid} {moment}\n"
+        else:  # until one save completed, the moment in a child's second save, so that `latest` comes to exist
+            want, times = f"{child.pid} {moment}\n", 1 if (run / "latest").exists() else 2
             while child.poll() is None and time.time() < deadline:
-                if log.exists() and log.read_text().count(want) >= 2:
+                if log.exists() and log.read_text().count(want) >= times:
                     break
                 time.sleep(0.01)
         assert child.poll() is None, child.stderr.read().decode()[-2000:]

@@ -129,8 +129,12 @@ class Tokenizer:
             path = path / TOKENIZER_FILE
         ensure_dir(path.parent)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        try:
+            tmp.write_text(self.to_json())
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+            raise
         return path
 
     def to_json(self) -> str:

@@ -42,10 +42,11 @@ from pathlib import Path
 import numpy as np
 
 from jojo.data.sources import Block, RecordSource, Source, parse_block
-from jojo.errors import JojoError, annotate
+from jojo.errors import JojoError, annotate, ensure_dir
 from jojo.tokenizer import EOT, Tokenizer
 
 META_FILE = "meta.json"
+TOKENIZER_TMP = "tokenizer.json.tmp"  # Tokenizer.save writes here, then renames
 SHARD_TOKENS = 100_000_000  # ~200 MB of uint16 per shard
 SPLITS = ("train", "val", "test")
 PREPARE_VERSION = 2  # bump when the output for the same input and options changes (invalidates caches)
@@ -361,16 +362,17 @@ def prepare_source(
         if not _run_pool(blocks, tokenizer, workers, (seed, val_fraction, test_fraction, fast), consume):
             workers = 1  # everything was encoded in-process
     except BaseException as exc:
-        for w in writers.values():
-            w.abort()
-        if isinstance(exc, OSError):
-            annotate(exc, doing="writing token shards", path=out_dir)
+        _discard(out_dir, writers, exc)
         raise
     finally:
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - started
-    shards = {split: w.close() for split, w in writers.items()}
+    try:
+        shards = {split: w.close() for split, w in writers.items()}
+    except BaseException as exc:
+        _discard(out_dir, writers, exc)
+        raise
 
     total_docs = stats["train"]["docs"] + stats["val"]["docs"] + stats["test"]["docs"]
     if total_docs == 0:
@@ -390,7 +392,11 @@ def prepare_source(
             if st["bytes"]:
                 info["entropy_floor_bpb"] = st["bits"] / st["bytes"]
         splits[split] = info
-    tokenizer.save(out_dir)
+    try:
+        tokenizer.save(out_dir)
+    except BaseException as exc:
+        _discard(out_dir, writers, exc)
+        raise
     fallback_notes = [note for kind, note in encoders.items() if kind == "tokenizers" and note]
     meta = {
         "version": PREPARE_VERSION,
@@ -414,9 +420,24 @@ def prepare_source(
         **(extra_meta or {}),
     }
     tmp = out_dir / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out_dir / META_FILE)
+    try:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, out_dir / META_FILE)
+    except BaseException as exc:
+        _discard(out_dir, writers, exc)
+        raise
     return meta
+
+
+def _discard(out_dir: Path, writers: dict, exc: BaseException) -> None:
+    """After a failed prepare (a full disk, Ctrl+C): delete its shards and temporary files, which take space and,
+    without meta.json, are unusable; say where it happened."""
+    for w in writers.values():
+        w.abort()
+    for name in (TOKENIZER_TMP, META_FILE + ".tmp"):
+        (out_dir / name).unlink(missing_ok=True)
+    if isinstance(exc, OSError):
+        annotate(exc, doing="writing token shards", path=out_dir)
 
 
 def _run_pool(blocks: Iterable[Block], tokenizer: Tokenizer, workers: int, opts: tuple, consume) -> bool:
@@ -612,6 +633,8 @@ def prepare_corpus(
             log(f"cache hit: {out_dir} already holds this corpus prepared with these options (key {key})")
             return meta, True
     if tok is None:
+        if not Path(out_dir).is_dir():  # a path that cannot be a folder fails now, not after training a tokenizer
+            ensure_dir(out_dir)
         started = time.perf_counter()
         tok, seen = train_on_sample(source, vocab_size, int(tokenizer_sample_mb * 1e6), max_docs)
         log(
