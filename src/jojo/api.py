@@ -217,7 +217,8 @@ def pretrain(
     run's own config with resume=True."""
     tree = _overrides(overrides, options, dataset=str(dataset) if dataset else None, out=str(out) if out else None)
     cfg = run_config(config, tree, default="tiny", resume=resume)
-    return run_training(cfg, resume=resume, init_from=str(init_from) if init_from else None, quiet=quiet)
+    init = str(init_from) if init_from else None
+    return run_training(cfg, resume=resume, init_from=init, quiet=quiet, overrides=tree)
 
 
 def finetune(
@@ -238,7 +239,8 @@ def finetune(
     own config with resume=True (then `checkpoint` is not needed)."""
     tree = _overrides(overrides, options, data=str(data) if data else None, out=str(out) if out else None)
     cfg = run_config(config, tree, default="sft-tiny", resume=resume)
-    return run_sft(cfg, str(checkpoint) if checkpoint else None, resume=resume, quiet=quiet, say=say)
+    init = str(checkpoint) if checkpoint else None
+    return run_sft(cfg, init, resume=resume, quiet=quiet, say=say, overrides=tree)
 
 
 @dataclass

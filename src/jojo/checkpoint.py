@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from jojo.config import ModelConfig, model_config_from_dict
-from jojo.errors import JojoError
+from jojo.errors import JojoError, annotate, ensure_dir, environment_error
 from jojo.tokenizer import TOKENIZER_FILE, Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -79,38 +79,81 @@ def write_checkpoint(
     weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write step-NNNNNN atomically, point `latest` (and `best` if asked) at it, prune old ones.
-    `weights` replaces the model's own state dict (LoRA passes its merged weights)."""
+    `weights` replaces the model's own state dict (LoRA passes its merged weights).
+
+    On any failure (a full disk, Ctrl+C, a bug) the temporary directory is removed and the exception re-raised;
+    an environment failure (see jojo.errors) is raised as an OSError that names the checkpoint, the file being
+    written and the last complete checkpoint, so the CLI can say all of it in one line."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(run_dir)
     name = f"step-{step:06d}"
     final = run_dir / name
     tmp = run_dir / f".tmp-{name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    weights = unique_state_dict(model) if weights is None else weights
-    save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    cfg: ModelConfig = model.config
-    (tmp / MODEL_CONFIG).write_text(json.dumps(cfg.__dict__, indent=2) + "\n")
-    (tmp / TOKENIZER_FILE).write_text(tokenizer.to_json())
-    full_state = {"step": step, "tokenizer_hash": tokenizer.hash, "saved_at": time.time(), **state}
-    (tmp / STATE).write_text(json.dumps(full_state, indent=2) + "\n")
-    if optimizer_state is not None:
-        torch.save(optimizer_state, tmp / OPTIMIZER)
-    _fsync_tree(tmp)
-    if final.exists():  # re-saving the same step (e.g. after an evaluation): replace it whole
-        old = run_dir / f".old-{name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(run_dir)
-    _point(run_dir, "latest", name)
-    if best:
-        _point(run_dir, "best", name)
+    current = "the temporary directory"
+    try:
+        tmp.mkdir()
+        current = WEIGHTS
+        weights = unique_state_dict(model) if weights is None else weights
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        cfg: ModelConfig = model.config
+        current = MODEL_CONFIG
+        (tmp / MODEL_CONFIG).write_text(json.dumps(cfg.__dict__, indent=2) + "\n")
+        current = TOKENIZER_FILE
+        (tmp / TOKENIZER_FILE).write_text(tokenizer.to_json())
+        current = STATE
+        full_state = {"step": step, "tokenizer_hash": tokenizer.hash, "saved_at": time.time(), **state}
+        (tmp / STATE).write_text(json.dumps(full_state, indent=2) + "\n")
+        if optimizer_state is not None:
+            current = OPTIMIZER
+            # Through a Python file object: given a path, torch's own writer reports a full disk as "unexpected
+            # pos" with no errno; given a file, the OSError survives as the RuntimeError's __context__.
+            with open(tmp / OPTIMIZER, "wb") as fh:
+                torch.save(optimizer_state, fh)
+        current = "the files to disk (fsync)"
+        _fsync_tree(tmp)
+        current = "the rename into place"
+        if final.exists():  # re-saving the same step (e.g. after an evaluation): replace it whole
+            old = run_dir / f".old-{name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(run_dir)
+        current = "the links"
+        _point(run_dir, "latest", name)
+        if best:
+            _point(run_dir, "best", name)
+    except BaseException as exc:
+        partial = tmp.exists()
+        shutil.rmtree(tmp, ignore_errors=True)
+        err = environment_error(exc)
+        if err is None:
+            raise
+        if err is not exc:  # a library's wrapper: raise the OSError itself, chained to what the library said
+            err = OSError(err.errno, err.strerror, err.filename)
+        removed = "the partial checkpoint was removed; " if partial else ""
+        annotate(
+            err,
+            doing=f"writing checkpoint {name} ({current})",
+            path=run_dir,
+            after=removed + last_complete(run_dir),
+        )
+        if err is exc:
+            raise
+        raise err from exc
     _prune(run_dir, keep_last)
     return final
+
+
+def last_complete(run_dir: str | Path) -> str:
+    """'the last complete checkpoint is R/step-N' (what `latest` points at), for messages after a failure."""
+    link = Path(run_dir) / "latest"
+    if link.is_symlink() and (link / WEIGHTS).is_file():
+        return f"the last complete checkpoint is {Path(run_dir) / os.readlink(link)} (--resume continues from it)"
+    return "no checkpoint of this run is complete yet"
 
 
 def _point(run_dir: Path, link: str, target: str) -> None:
@@ -129,8 +172,11 @@ def _prune(run_dir: Path, keep_last: int) -> None:
     for name in steps:
         if name not in keep:
             shutil.rmtree(run_dir / name, ignore_errors=True)
-    for stale in run_dir.glob(".tmp-step-*"):  # left by a killed save
+    # Left by a killed save (the run-directory lock of jojo.train.lock makes sure no other writer owns them).
+    for stale in [*run_dir.glob(".tmp-step-*"), *run_dir.glob(".old-step-*")]:
         shutil.rmtree(stale, ignore_errors=True)
+    for link in [*run_dir.glob(".latest.tmp-*"), *run_dir.glob(".best.tmp-*")]:
+        link.unlink(missing_ok=True)
 
 
 _NOTED: set[Path] = set()

@@ -1,6 +1,9 @@
 """`jojo <command>`: parse arguments, call one function per command. No logic lives here.
 
-Errors the user can fix (`JojoError`) print as one line on stderr with exit status 2, never a traceback.
+Errors the user can fix (`JojoError`) print as one line on stderr with exit status 2, never a traceback. Failures
+of the user's environment (a full disk, no permission, a read-only file system, a path through a regular file, too
+many open files, out of memory: `jojo.errors.environment_message`) print one line too, with exit status 1. Any
+other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +14,19 @@ import sys
 
 from jojo import commands
 from jojo.commands import EMBEDDED
-from jojo.errors import JojoError
+from jojo.errors import JojoError, environment_message
+
+# What to make smaller when memory runs out, by command.
+REDUCE = {
+    "train": "lower --batch-size (raise --grad-accum to keep the batch), model.block_size or the model's size "
+    "(model.n_layer, model.n_embd)",
+    "sft": "lower --batch-size (raise --grad-accum to keep the batch) or use LoRA (--lora-rank 8)",
+    "quickstart": "lower --scale",
+    "generate": "lower --max-tokens or --num-samples, or use --device cpu",
+    "chat": "lower --max-tokens, or use --device cpu",
+    "prepare": "use fewer --workers or a smaller --tokenizer-sample-mb",
+    "tokenizer": "lower --max-mb",
+}
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -226,6 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as exc:
+        where = getattr(args, "out", None) or getattr(args, "output", None)
+        message = environment_message(exc, REDUCE.get(args.command), where)
+        if message is None:
+            raise  # a bug: keep the traceback
+        print(f"jojo: error: {message}", file=sys.stderr)
+        return 1
     finally:
         # A torchrun/FSDP2 run leaves its sharded model in reference cycles (hooks that hold their module). Left
         # to interpreter shutdown, freeing it tears down gloo work objects after Python is half gone, and the

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from jojo.errors import JojoError
+from jojo.errors import JojoError, ensure_dir
 
 EMBEDDED = "embedded"
 
@@ -246,6 +246,7 @@ def cmd_generate(args) -> None:
         samples.append(text)
     if args.output:
         sep = "\n\n" + "-" * 40 + "\n\n"
+        ensure_dir(Path(args.output).parent)
         Path(args.output).write_text(sep.join(samples) + "\n", encoding="utf-8")
         print(f"samples -> {args.output}", file=sys.stderr)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jojo.errors import JojoError
+from jojo.errors import JojoError, ensure_dir
 
 FAMILIES = ("gpt2", "llama")
 
@@ -187,6 +187,7 @@ class SystemConfig:
     tf32: bool = opt(True, "CUDA float32 matmuls on TF32 tensor cores")
     seed: int = opt(1337, "random seed (weights, data order)")
     threads: int = opt(0, "CPU threads for torch; 0 = torch's default")
+    force: bool = opt(False, "skip the start-up check that refuses a run whose memory estimate exceeds the device's")
 
     def __post_init__(self) -> None:
         _check_choice("system.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
@@ -248,6 +249,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
+        ensure_dir(Path(path).parent)
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
@@ -290,6 +292,7 @@ FLAT_FLAGS = {
     "on-bad": "data.on_bad",
     "val-fraction": "data.val_fraction",
     "embedded-chats": "data.embedded_chats",
+    "force": "system.force",
 }
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numpy as np
 import torch
@@ -58,3 +59,59 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can use on `device` now, or None when unknown (MPS, or no way to ask).
+
+    CUDA: free device memory (`mem_get_info`) plus what this process's caching allocator already holds.
+    CPU: /proc/meminfo's MemAvailable (free plus reclaimable page cache), capped by the cgroup's memory limit in
+    a container (/proc/meminfo shows the host's); elsewhere sysconf's available pages."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type != "cpu":
+        return None
+    available = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    for folder, limit_name, usage_name, cache_name in (
+        ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),  # cgroup v2
+        ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),  # v1
+    ):
+        try:
+            with open(f"{folder}/{limit_name}") as fh:
+                limit = fh.read().strip()
+            with open(f"{folder}/{usage_name}") as fh:
+                usage = int(fh.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # "max" or a huge number: no limit
+            # the usage counts page cache; its inactive part is reclaimed before the limit bites
+            usage -= _stat_field(f"{folder}/memory.stat", cache_name)
+            available = min(available, max(int(limit) - usage, 0))
+        break
+    return available
+
+
+def _stat_field(path: str, name: str) -> int:
+    try:
+        with open(path) as fh:
+            for line in fh:
+                key, _, value = line.partition(" ")
+                if key == name:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0

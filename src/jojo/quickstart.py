@@ -26,7 +26,7 @@ from jojo.config import load_config
 from jojo.data.loader import BatchLoader
 from jojo.data.prepare import prepare_records
 from jojo.data.synthetic import generate_corpus, heldout_questions, write_documents
-from jojo.errors import JojoError
+from jojo.errors import JojoError, ensure_dir
 from jojo.eval.lm import LN2, evaluate_loss
 from jojo.infer.engine import SamplingConfig
 from jojo.tokenizer import train_tokenizer
@@ -81,7 +81,7 @@ def run_quickstart(
     out_dir = Path(out)
     if (out_dir / "model" / "latest").exists():
         raise JojoError(f"{out_dir} already holds a quickstart run; pass another --out or delete it")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_dir)
 
     n_docs = max(int(CORPUS_DOCS * scale), MIN_DOCS)
     _say(f"[1/7] generating the embedded corpus: {n_docs:,} stories and chats (seed {seed})")

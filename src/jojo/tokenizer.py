@@ -18,7 +18,7 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from jojo.errors import JojoError
+from jojo.errors import JojoError, ensure_dir
 
 EOT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -127,10 +127,14 @@ class Tokenizer:
         path = Path(path)
         if path.suffix != ".json":
             path = path / TOKENIZER_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dir(path.parent)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        try:
+            tmp.write_text(self.to_json())
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+            raise
         return path
 
     def to_json(self) -> str:

@@ -42,10 +42,11 @@ from pathlib import Path
 import numpy as np
 
 from jojo.data.sources import Block, RecordSource, Source, parse_block
-from jojo.errors import JojoError
+from jojo.errors import JojoError, annotate, ensure_dir
 from jojo.tokenizer import EOT, Tokenizer
 
 META_FILE = "meta.json"
+TOKENIZER_TMP = "tokenizer.json.tmp"  # Tokenizer.save writes here, then renames
 SHARD_TOKENS = 100_000_000  # ~200 MB of uint16 per shard
 SPLITS = ("train", "val", "test")
 PREPARE_VERSION = 2  # bump when the output for the same input and options changes (invalidates caches)
@@ -96,6 +97,20 @@ class ShardWriter:
     def close(self) -> list[dict]:
         self._close_current()
         return self.shards
+
+    def abort(self) -> None:
+        """Close and delete everything written: a failed prepare (a full disk, Ctrl+C) leaves no shard and no
+        .tmp taking space (without meta.json they are unusable anyway)."""
+        if self._fh is not None:
+            try:
+                self._fh.close()
+            except OSError:  # its last flush fails again on a full disk; the file is closed all the same
+                pass
+            self._fh = None
+        for shard in self.shards:
+            for name in (shard["file"], shard["file"] + ".tmp"):
+                (self.out_dir / name).unlink(missing_ok=True)
+        self.shards = []
 
 
 # ---- encoding ----------------------------------------------------------------------------------------
@@ -379,11 +394,19 @@ def prepare_source(
                     break
         if not _run_pool(blocks, tokenizer, workers, (seed, val_fraction, test_fraction, fast), collect):
             workers = 1  # everything was encoded in-process
-    finally:
-        shards = collect.close()  # on an error too: no shard file is left open
+        shards = collect.close()
+    except BaseException as exc:
+        if collect.bar is not None:
+            collect.bar.close()
+        _discard(out_dir, collect.writers, exc)  # no shard or temporary file is left taking space
+        raise
     seconds = time.perf_counter() - started
     splits = collect.splits(shards)
-    tokenizer.save(out_dir)
+    try:
+        tokenizer.save(out_dir)
+    except BaseException as exc:
+        _discard(out_dir, collect.writers, exc)
+        raise
     fallback_notes = [note for kind, note in collect.encoders.items() if kind == "tokenizers" and note]
     meta = {
         "version": PREPARE_VERSION,
@@ -407,9 +430,24 @@ def prepare_source(
         **(extra_meta or {}),
     }
     tmp = out_dir / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out_dir / META_FILE)
+    try:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, out_dir / META_FILE)
+    except BaseException as exc:
+        _discard(out_dir, collect.writers, exc)
+        raise
     return meta
+
+
+def _discard(out_dir: Path, writers: dict, exc: BaseException) -> None:
+    """After a failed prepare (a full disk, Ctrl+C): delete its shards and temporary files, which take space and,
+    without meta.json, are unusable; say where it happened."""
+    for w in writers.values():
+        w.abort()
+    for name in (TOKENIZER_TMP, META_FILE + ".tmp"):
+        (out_dir / name).unlink(missing_ok=True)
+    if isinstance(exc, OSError):
+        annotate(exc, doing="writing token shards", path=out_dir)
 
 
 def _run_pool(blocks: Iterable[Block], tokenizer: Tokenizer, workers: int, opts: tuple, consume) -> bool:
@@ -603,6 +641,8 @@ def prepare_corpus(
             log(f"cache hit: {out_dir} already holds this corpus prepared with these options (key {key})")
             return meta, True
     if tok is None:
+        if not Path(out_dir).is_dir():  # a path that cannot be a folder fails now, not after training a tokenizer
+            ensure_dir(out_dir)
         started = time.perf_counter()
         tok, seen = train_on_sample(source, vocab_size, int(tokenizer_sample_mb * 1e6), max_docs)
         log(

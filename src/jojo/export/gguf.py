@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from jojo.config import ModelConfig
-from jojo.errors import JojoError
+from jojo.errors import JojoError, ensure_dir
 from jojo.export.arch import export_arch
 from jojo.tokenizer import CHAT_TEMPLATE_JINJA, Tokenizer
 
@@ -191,7 +191,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, qtype: str = "f16") -> Path:
     out = Path(out)
     if out.is_dir():
         raise JojoError(f"{out} is a directory; give the path of the .gguf file to write")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out.parent)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     name = f"jojo-{model.config.family}-{ckpt_dir.name}"
     try:

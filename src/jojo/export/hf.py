@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from jojo.config import ModelConfig, read_json
-from jojo.errors import JojoError
+from jojo.errors import JojoError, annotate, ensure_dir
 from jojo.export.arch import export_arch
 from jojo.tokenizer import CHAT_TEMPLATE_JINJA, EOT, SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer
 
@@ -335,11 +335,15 @@ def new_output_dir(out: str | Path) -> tuple[Path, Path]:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise JojoError(f"{out} already exists and is not empty; remove it or choose another output folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out.parent)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as exc:  # name the folder the user asked for, not the temporary one beside it
+        annotate(exc, doing=f"creating {out}", path=out.parent)
+        raise
     return out, tmp
 
 

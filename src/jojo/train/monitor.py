@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from jojo.errors import JojoError
+from jojo.errors import JojoError, annotate, ensure_dir
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -66,10 +66,17 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.legend()
     fig.tight_layout()
     out = Path(out) if out else run_dir / PLOT_FILE
+    ensure_dir(out.parent)
     tmp = out.with_name(f".{out.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        annotate(exc, doing=f"drawing {out.name}", path=out.parent)
+        raise
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -127,8 +134,12 @@ class Monitor:
 
     def log(self, event: str, step: int, **values) -> None:
         row = {"event": event, "step": step, **values}
-        self._fh.write(json.dumps(row) + "\n")
-        self._fh.flush()
+        try:
+            self._fh.write(json.dumps(row) + "\n")
+            self._fh.flush()
+        except OSError as exc:  # a full disk: the OS names no file
+            annotate(exc, doing=f"appending to {METRICS_FILE}", path=self.run_dir)
+            raise
         scalars = {
             f"{event}/{k}": float(v)
             for k, v in values.items()

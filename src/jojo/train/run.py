@@ -10,12 +10,14 @@ from pathlib import Path
 import torch
 
 from jojo import checkpoint as ckpt_io
-from jojo.config import TrainConfig, model_config_from_dict
+from jojo.config import ModelConfig, TrainConfig, model_config_from_dict
 from jojo.data.loader import BatchLoader
 from jojo.data.prepare import load_meta
+from jojo.device import available_memory
 from jojo.errors import JojoError
 from jojo.model import GPT
 from jojo.tokenizer import Tokenizer
+from jojo.train.lock import RunLock
 from jojo.train.loop import FitResult, fit, total_steps
 from jojo.train.optim import build_optimizer
 from jojo.train.system import (
@@ -102,6 +104,7 @@ def memory_estimate(cfg: TrainConfig, model: GPT, rt: Runtime) -> dict[str, floa
         weights     4 P                       (P parameters, each shared tensor once)
         gradients   4 P
         optimizer   AdamW: 8 P (exp_avg, exp_avg_sq); Muon: 4 P_hidden (momentum) + 8 P_rest
+        buffers     the model's registered buffers as allocated (Llama's RoPE tables: 2 * T * head_dim * 4)
         activations `system.activation_bytes` (per layer ~34-56 bytes x C per token in bf16, plus 12 V bytes per
                     token around the loss) + 2 bytes per matmul weight under 16-bit autocast (its cast copies)
 
@@ -118,6 +121,7 @@ def memory_estimate(cfg: TrainConfig, model: GPT, rt: Runtime) -> dict[str, floa
         "weights": 4 * P / shard,
         "gradients": 4 * P / shard,
         "optimizer": optimizer_state_bytes(model, cfg.optimizer.name) / shard,
+        "buffers": sum(b.numel() * b.element_size() for b in model.buffers()),
         "activations": activation_bytes(c, B, rt.dtype) + casts,
     }
     est["total"] = sum(est.values())
@@ -135,6 +139,7 @@ def dry_run(cfg: TrainConfig, init_from: str | None = None, out=print) -> dict:
             cfg = dataclasses.replace(cfg, model=model.config)
         else:
             cfg = resolve_model_config(cfg, tokenizer)
+            check_context(cfg, meta)  # before allocating: a context longer than the data has no rows
             model = GPT(cfg.model).to(rt.device)
         if cfg.data.batch_size == 0 and rt.device.type != "cuda":
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=1))
@@ -185,6 +190,10 @@ def dry_run(cfg: TrainConfig, init_from: str | None = None, out=print) -> dict:
             f"{train_tokens:,} training tokens"
         )
         out("memory per process (estimate): " + ", ".join(f"{k} {v / gib:.3f} GiB" for k, v in mem.items()))
+        available = available_memory(rt.device)
+        if available is not None:
+            verdict = "fits" if mem["total"] <= available else "does not fit: training would refuse it (--force)"
+            out(f"memory available on {rt.device}: {available / gib:.3f} GiB; the estimate {verdict}")
         out(
             "  = 4P weights + 4P grads + 8P AdamW (Muon: 4 per hidden-matrix param) "
             "+ activations (per layer and token ~34-56 x C bytes in bf16, + 12 V around the loss)"
@@ -210,9 +219,14 @@ def run_training(
     resume: bool = False,
     init_from: str | None = None,
     quiet: bool = False,
+    overrides: dict | None = None,
 ) -> FitResult:
+    """overrides: the command line's override tree (config.parse_overrides): a resumed or --init-from run refuses
+    an explicit model.* value that differs from its checkpoint's, and a resume lists what it honours."""
     rt = setup_runtime(cfg.system)
+    lock = RunLock(cfg.logging.out_dir)
     try:
+        lock.acquire()  # one writer per run directory, before anything is written into it
         tokenizer, meta = _load_data(cfg)
         run_dir = Path(cfg.logging.out_dir)
         resume_from = None
@@ -223,17 +237,25 @@ def run_training(
             resume_from = ckpt_io.resolve_checkpoint(run_dir)
             model, ck_tok, state = ckpt_io.load_checkpoint(resume_from, rt.device)
             _check_same_tokenizer(ck_tok, tokenizer, resume_from, cfg.data.dataset)
-            cfg = dataclasses.replace(cfg, model=model_config_from_dict(state["run_config"]["model"]))
+            ck_model = model_config_from_dict(state["run_config"]["model"])
+            keep_architecture(overrides, cfg.model, ck_model, resume_from, resume=True)
+            if rt.is_main and not quiet:
+                print(resume_line(cfg, state, overrides, resume_from))
+            cfg = dataclasses.replace(cfg, model=ck_model)
         elif init_from:
             model, ck_tok, _ = ckpt_io.load_checkpoint(init_from, rt.device)
             _check_same_tokenizer(ck_tok, tokenizer, init_from, cfg.data.dataset)
+            keep_architecture(overrides, cfg.model, model.config, init_from, resume=False)
             cfg = dataclasses.replace(cfg, model=model.config)
         else:
             if (run_dir / "latest").exists():
                 raise JojoError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
             cfg = resolve_model_config(cfg, tokenizer)
+            check_fits(cfg, rt, meta)  # before allocating: a context longer than the data, or too big to fit
             seed_everything(cfg.system.seed)  # the same initial weights for the same seed, on every rank
             model = GPT(cfg.model).to(rt.device)
+        if resume or init_from:
+            check_fits(cfg, rt, meta, loaded=model)
         model.train()
         cfg = resolve_batch(cfg, rt, model)
         train_src, val_src = build_loaders(cfg, rt, model.config.block_size)
@@ -252,6 +274,7 @@ def run_training(
             quiet=quiet,
         )
     finally:
+        lock.release()
         teardown_runtime(rt)
 
 
@@ -261,3 +284,101 @@ def _check_same_tokenizer(ck_tok: Tokenizer, data_tok: Tokenizer, ckpt, dataset)
             f"checkpoint {ckpt} was trained with another tokenizer than the one {dataset} was prepared with "
             f"({ck_tok.hash} != {data_tok.hash}); re-run `jojo prepare` with the checkpoint's tokenizer.json"
         )
+
+
+# ---- start-up checks: what cannot fit, and what a checkpoint fixes --------------------------------------
+def check_fits(cfg: TrainConfig, rt: Runtime, meta: dict | None, loaded: GPT | None = None) -> None:
+    """Refuse, before allocating anything, a run that cannot work: a context longer than a split of the data
+    (`check_context`), or a dry-run memory estimate above what the device has available (`check_memory`)."""
+    if meta:
+        check_context(cfg, meta)
+    check_memory(cfg, rt, loaded)
+
+
+def check_context(cfg: TrainConfig, meta: dict) -> None:
+    """A row is block_size + 1 tokens of one split: a context longer than a split has no row at all."""
+    T = cfg.model.block_size
+    for split in ("train", "val"):
+        tokens = meta["splits"][split]["tokens"]
+        if tokens < T + 1:
+            raise JojoError(
+                f"model.block_size ({T:,}) is longer than the '{split}' split of {cfg.data.dataset} ({tokens:,} "
+                "tokens; a row needs block_size + 1); lower --block-size or prepare more data"
+            )
+
+
+def check_memory(cfg: TrainConfig, rt: Runtime, loaded: GPT | None = None) -> None:
+    """Refuse a run whose `memory_estimate` exceeds the memory the device has available now; `--force`
+    (system.force) skips this. The estimate leaves out allocator slack, so a refusal is never a close call.
+
+    loaded: the model when it is already in memory (resume, --init-from): its parameters count as available."""
+    T = cfg.model.block_size
+    if cfg.system.force or cfg.data.batch_size == 0:  # auto: the batch search measures what fits
+        return
+    available = available_memory(rt.device)
+    if available is None:
+        return
+    if loaded is not None:
+        available += sum(p.numel() * p.element_size() for p in loaded.parameters())
+        probe = loaded
+    else:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            probe = GPT(cfg.model)
+    micro = cfg.data.batch_size
+    if cfg.data.global_batch:
+        micro, _ = plan_batch(micro, cfg.data.global_batch, rt.world_size)
+    need = memory_estimate(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=micro)), probe, rt)
+    if need["total"] > available:
+        gib = 2**30
+        parts = ", ".join(f"{k} {v / gib:,.1f}" for k, v in need.items() if k != "total")
+        c = cfg.model
+        raise JojoError(
+            f"this run needs about {need['total'] / gib:,.1f} GiB per process ({parts} GiB) but {rt.device} has "
+            f"{available / gib:,.1f} GiB available; reduce --batch-size ({micro}), model.block_size ({T:,}) or "
+            f"the model (model.n_layer {c.n_layer}, model.n_embd {c.n_embd}), or pass --force to try anyway"
+        )
+
+
+def keep_architecture(overrides: dict | None, asked: ModelConfig, saved: ModelConfig, ckpt, resume: bool) -> None:
+    """A model built from a checkpoint has the checkpoint's architecture: an explicit model.* override that
+    differs from it is refused (it would otherwise be ignored without a word)."""
+    for key in sorted((overrides or {}).get("model", {})):
+        mine, theirs = getattr(asked, key, None), getattr(saved, key, None)
+        if mine != theirs:
+            how = "a resumed run keeps" if resume else "--init-from takes"
+            fix = "start a new run (another --out)" if resume else "train from scratch instead"
+            raise JojoError(
+                f"{how} the architecture of {ckpt}: model.{key} is {theirs!r} there, not {mine!r}; drop "
+                f"--model.{key}, or {fix}"
+            )
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_line(cfg: TrainConfig, state: dict, overrides: dict | None, ckpt) -> str:
+    """One line at the start of a resume: the checkpoint, its kept architecture, the command line's overrides
+    (everything but the architecture is honoured), and any other setting that differs from the saved run
+    (it comes from --config: a resume does not reread the run's own config)."""
+    m = model_config_from_dict(state["run_config"]["model"])
+    given = {k: v for k, v in _flatten(overrides or {}).items() if not k.startswith("model.")}
+    given.pop("logging.out_dir", None)
+    saved = {k: v for k, v in _flatten(state["run_config"]).items() if not k.startswith("model.")}
+    now = _flatten(cfg.to_dict())
+    differ = [
+        f"{k} {saved[k]} -> {now[k]}" for k in sorted(saved) if k in now and now[k] != saved[k] and k not in given
+    ]
+    line = (
+        f"resuming {ckpt} at step {state['step']}: architecture kept ({m.family}, {m.n_layer} layers x {m.n_embd}, "
+        f"context {m.block_size}); overrides: {', '.join(f'{k}={v}' for k, v in given.items()) or 'none'}"
+    )
+    if differ:
+        line += f"; also differs from the saved run: {', '.join(differ)}"
+    return line

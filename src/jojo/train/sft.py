@@ -370,6 +370,7 @@ def run_sft(
     quiet: bool = False,
     say=print,
     resume: bool = False,
+    overrides: dict | None = None,
 ) -> SFTResult:
     """Fine-tune the checkpoint `init_from` on cfg.data.dataset ('embedded' or conversation files) with `fit`.
 
@@ -377,9 +378,14 @@ def run_sft(
     low-rank adapters train, and checkpoints hold the merged weights (plain GPT weights).
 
     resume: continue the run in cfg.logging.out_dir from its latest checkpoint (weights, optimizer, data
-    position, random state), given the same data and options; `init_from` is then not needed."""
+    position, random state), given the same data and options; `init_from` is then not needed.
+
+    overrides: the command line's override tree: an explicit model.* value that differs from the checkpoint's
+    architecture is refused; a resume lists what it honours."""
     from jojo import checkpoint as ckpt_io
+    from jojo.train.lock import RunLock
     from jojo.train.lora import apply_lora, lora_summary, merged_state_dict
+    from jojo.train.run import check_memory, keep_architecture, resume_line
     from jojo.train.system import setup_runtime, teardown_runtime
 
     run_dir = Path(cfg.logging.out_dir)
@@ -398,13 +404,20 @@ def run_sft(
     elif (run_dir / "latest").exists():
         raise JojoError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
     rt = setup_runtime(cfg.system)
+    lock = RunLock(run_dir)
     try:
+        lock.acquire()  # one writer per run directory, before anything is written into it
         model, tok, state = ckpt_io.load_checkpoint(resume_from or init_from, rt.device)
         if resume_from is not None:
             if "sft" not in state:
                 raise JojoError(f"{resume_from} is not an SFT checkpoint; resume it with `jojo train --resume`")
             init_from = state["sft"]["init_from"]
+        keep_architecture(overrides, cfg.model, model.config, resume_from or init_from, resume=resume_from is not None)
+        if resume_from is not None and rt.is_main and not quiet:
+            say(resume_line(cfg, state, overrides, resume_from))
         cfg = dataclasses.replace(cfg, model=model.config)
+        if not cfg.lora.rank:  # the estimate counts gradients and AdamW moments for every weight: not LoRA's case
+            check_memory(cfg, rt, loaded=model)
         block = model.config.block_size
         data = load_sft_data(
             tok,
@@ -447,4 +460,5 @@ def run_sft(
                      state_dict_fn=state_dict_fn, resume_from=resume_from)  # fmt: skip
         return SFTResult(result, data, stats, lora_info)
     finally:
+        lock.release()
         teardown_runtime(rt)
