@@ -114,3 +114,11 @@ def test_quickstart_folder_resolves_to_its_chat_model(tmp_path, tokenizer, capsy
     write_checkpoint(qs / "sft", 7, GPT(tiny_model_config("gpt2")), tokenizer, {})
     assert resolve_checkpoint(qs / "").name == "step-000007"
     assert "sft" in capsys.readouterr().err
+
+
+def test_dry_run_of_a_preset_needs_no_dataset(capsys):
+    """`jojo train --config gpt2-124m --dry-run`: the model, FLOPs and memory from the config alone."""
+    assert cli.main(["train", "--config", "gpt2-124m", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters: 124,475,904" in out and "FLOPs per token" in out and "memory per process" in out
+    assert "no --dataset given" in out

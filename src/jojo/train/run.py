@@ -19,7 +19,6 @@ from jojo.model import GPT
 from jojo.tokenizer import Tokenizer
 from jojo.train.lock import RunLock
 from jojo.train.loop import FitResult, fit, total_steps
-from jojo.train.optim import build_optimizer
 from jojo.train.system import (
     Runtime,
     activation_bytes,
@@ -130,78 +129,78 @@ def memory_estimate(cfg: TrainConfig, model: GPT, rt: Runtime) -> dict[str, floa
 
 def dry_run(cfg: TrainConfig, init_from: str | None = None, out=print) -> dict:
     """Build model, data and optimizer as `jojo train` would; print parameters, FLOPs per token, the memory
-    estimate and the token budget; train nothing and write nothing."""
+    estimate and the token budget; train nothing and write nothing. Without a dataset, the model, FLOPs and
+    memory come from the config alone (the model is built on the meta device: nothing allocated)."""
     rt = setup_runtime(cfg.system)
     try:
-        tokenizer, meta = _load_data(cfg)
+        meta = None
+        if cfg.data.dataset:
+            tokenizer, meta = _load_data(cfg)
         if init_from:
             model, _, _ = ckpt_io.load_checkpoint(init_from, rt.device)
             cfg = dataclasses.replace(cfg, model=model.config)
-        else:
+        elif meta is not None:
             cfg = resolve_model_config(cfg, tokenizer)
             check_context(cfg, meta)  # before allocating: a context longer than the data has no rows
             model = GPT(cfg.model).to(rt.device)
-        if cfg.data.batch_size == 0 and rt.device.type != "cuda":
+        else:
+            with torch.device("meta"):
+                model = GPT(cfg.model)
+        if cfg.data.batch_size == 0 and rt.device.type != "cuda" or (meta is None and cfg.data.batch_size == 0):
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=1))
             out("note: --batch-size auto searches GPU memory when training; the figures below assume 1 row")
         elif cfg.data.batch_size == 0 or cfg.data.global_batch:
             cfg = resolve_batch(cfg, rt, model)
-        train_src, _ = build_loaders(cfg, rt, model.config.block_size)
-        optimizer = build_optimizer(model, cfg.optimizer, rt.device.type)
-        c = model.config
-        rows = cfg.data.batch_size * cfg.optimizer.grad_accum * rt.world_size
-        tokens_per_step = rows * c.block_size
-        steps = total_steps(cfg, max(train_src.steps_per_epoch // cfg.optimizer.grad_accum, 1), tokens_per_step)
-        train_tokens = meta["splits"]["train"]["tokens"]
-        flops_tok = model.flops_per_token()
-        mem = memory_estimate(cfg, model, rt)
-        report = {
-            "parameters": model.num_params(),
-            "non_embedding_parameters": model.num_params(non_embedding=True),
-            "flops_per_token": flops_tok,
-            "tokens_per_step": tokens_per_step,
-            "steps": steps,
-            "tokens": steps * tokens_per_step,
-            "epochs": steps * tokens_per_step / max(train_tokens, 1),
-            "total_flops": flops_tok * steps * tokens_per_step,
-            "memory": mem,
-            "optimizer": type(optimizer.optimizers[0]).__name__,
-        }
-        gib = 2**30
-        out(
-            f"model: {c.family}, {c.n_layer} layers x {c.n_embd}, {c.n_head} heads, context {c.block_size}, "
-            f"vocab {c.vocab_size}"
-        )
-        out(f"parameters: {report['parameters']:,} ({report['non_embedding_parameters']:,} without embeddings)")
-        out(
-            f"FLOPs per token (training, 6N + 12 L C T): {flops_tok / 1e6:,.1f} M; "
-            f"whole run: {report['total_flops']:.3e}"
-        )
-        out(
-            f"device: {rt.device}, autocast {str(rt.dtype).replace('torch.', '')}, {rt.world_size} process(es)"
-            f"{', FSDP' if rt.fsdp else ''}; optimizer {cfg.optimizer.name}"
-        )
-        out(
-            f"batch: {cfg.data.batch_size} rows x {cfg.optimizer.grad_accum} accumulation x {rt.world_size} "
-            f"process(es) x {c.block_size} tokens = {tokens_per_step:,} tokens/step"
-        )
-        out(
-            f"budget: {steps:,} steps = {report['tokens']:,} tokens = {report['epochs']:.2f} epochs of "
-            f"{train_tokens:,} training tokens"
-        )
-        out("memory per process (estimate): " + ", ".join(f"{k} {v / gib:.3f} GiB" for k, v in mem.items()))
-        available = available_memory(rt.device)
-        if available is not None:
-            verdict = "fits" if mem["total"] <= available else "does not fit: training would refuse it (--force)"
-            out(f"memory available on {rt.device}: {available / gib:.3f} GiB; the estimate {verdict}")
-        out(
-            "  = 4P weights + 4P grads + 8P AdamW (Muon: 4 per hidden-matrix param) "
-            "+ activations (per layer and token ~34-56 x C bytes in bf16, + 12 V around the loss)"
-        )
+        report = _dry_run_report(cfg, model, rt, meta, out)
         out("dry run: nothing trained, nothing written")
         return report
     finally:
         teardown_runtime(rt)
+
+
+def _dry_run_report(cfg: TrainConfig, model: GPT, rt: Runtime, meta: dict | None, out) -> dict:
+    c = model.config
+    tokens_per_step = cfg.data.batch_size * cfg.optimizer.grad_accum * rt.world_size * c.block_size
+    flops_tok = model.flops_per_token()
+    mem = memory_estimate(cfg, model, rt)
+    report = {
+        "parameters": model.num_params(),
+        "non_embedding_parameters": model.num_params(non_embedding=True),
+        "flops_per_token": flops_tok,
+        "tokens_per_step": tokens_per_step,
+        "memory": mem,
+        "optimizer": cfg.optimizer.name,
+    }
+    gib = 2**30
+    out(f"model: {c.family}, {c.n_layer} layers x {c.n_embd}, {c.n_head} heads, context {c.block_size}, "
+        f"vocab {c.vocab_size}")  # fmt: skip
+    out(f"parameters: {report['parameters']:,} ({report['non_embedding_parameters']:,} without embeddings)")
+    out(f"FLOPs per token (training, 6N + 12 L C T): {flops_tok / 1e6:,.1f} M")
+    out(f"device: {rt.device}, autocast {str(rt.dtype).replace('torch.', '')}, {rt.world_size} process(es)"
+        f"{', FSDP' if rt.fsdp else ''}; optimizer {cfg.optimizer.name}")  # fmt: skip
+    out(f"batch: {cfg.data.batch_size} rows x {cfg.optimizer.grad_accum} accumulation x {rt.world_size} "
+        f"process(es) x {c.block_size} tokens = {tokens_per_step:,} tokens/step")  # fmt: skip
+    if meta is not None:
+        train_src, _ = build_loaders(cfg, rt, c.block_size)
+        steps = total_steps(cfg, max(train_src.steps_per_epoch // cfg.optimizer.grad_accum, 1), tokens_per_step)
+        train_tokens = meta["splits"]["train"]["tokens"]
+        report.update(steps=steps, tokens=steps * tokens_per_step, total_flops=flops_tok * steps * tokens_per_step,
+                      epochs=steps * tokens_per_step / max(train_tokens, 1))  # fmt: skip
+        if cfg.schedule.max_seconds:
+            out(f"budget: {cfg.schedule.max_seconds:,.0f} seconds (the run ends at the deadline)")
+        else:
+            out(f"budget: {steps:,} steps = {report['tokens']:,} tokens = {report['epochs']:.2f} epochs of "
+                f"{train_tokens:,} training tokens; whole run {report['total_flops']:.3e} FLOPs")  # fmt: skip
+    else:
+        out("data: no --dataset given; the token budget and epochs need one (the model figures above do not)")
+    out("memory per process (estimate): " + ", ".join(f"{k} {v / gib:.3f} GiB" for k, v in mem.items()))
+    available = available_memory(rt.device)
+    if available is not None:
+        verdict = "fits" if mem["total"] <= available else "does not fit: training would refuse it (--force)"
+        out(f"memory available on {rt.device}: {available / gib:.3f} GiB; the estimate {verdict}")
+    out("  = 4P weights + 4P grads + 8P AdamW (Muon: 4 per hidden-matrix param) "
+        "+ activations (per layer and token ~34-56 x C bytes in bf16, + 12 V around the loss)")  # fmt: skip
+    return report
 
 
 def _load_data(cfg: TrainConfig) -> tuple[Tokenizer, dict]:
