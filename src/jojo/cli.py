@@ -76,10 +76,8 @@ def _config_help(preset: str) -> str:
     return config_help(preset)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jojo", description="Build a language model from scratch, end to end.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_quickstart_command(sub) -> None:
+    """`jojo quickstart`: the whole pipeline on the embedded corpus."""
     q = sub.add_parser("quickstart", help="the whole pipeline on the embedded corpus, with a report")
     q.add_argument("--out", default="runs/quickstart", help="run directory for every artefact")
     q.add_argument(
@@ -92,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto")
     q.add_argument("--seed", type=int, default=0)
 
+
+def _add_tokenizer_commands(sub) -> None:
+    """`jojo tokenizer train|eval`."""
     tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
     tsub = tok.add_subparsers(dest="tokenizer_command", required=True)
     tt = tsub.add_parser("train", help="train a tokenizer on a corpus")
@@ -111,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--split-on", default="auto", help="how text files split into documents (see prepare)")
     te.add_argument("--max-mb", type=float, default=100, help="read at most this many MB of the corpus")
 
+
+def _add_prepare_command(sub) -> None:
+    """`jojo prepare`: a corpus into token shards."""
     pr = sub.add_parser(
         "prepare",
         help="tokenize a corpus into token shards",
@@ -153,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true", help="rebuild, even over shards of another tokenizer")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+
+def _add_training_commands(sub) -> None:
+    """`jojo train` and `jojo sft`: their options are the config fields (generated help)."""
     run_help = "options of the run (each a config field: --section.key=value or --section.key value):"
     tr = sub.add_parser(
         "train",
@@ -198,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sf.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
 
+
+def _add_inference_commands(sub) -> None:
+    """`jojo chat`, `jojo generate` and `jojo plot`."""
     ch = sub.add_parser(
         "chat",
         help="chat with a checkpoint (a REPL; `echo Hi | jojo chat CKPT` prints one answer)",
@@ -221,6 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="redraw a run's loss curve (loss.png) from its metrics.jsonl")
     pl.add_argument("run_dir")
     pl.add_argument("--out", help="PNG path (default RUN_DIR/loss.png)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jojo", description="Build a language model from scratch, end to end.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_quickstart_command(sub)
+    _add_tokenizer_commands(sub)
+    _add_prepare_command(sub)
+    _add_training_commands(sub)
+    _add_inference_commands(sub)
     _add_export_commands(sub)
     return parser
 
