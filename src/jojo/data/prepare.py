@@ -407,19 +407,33 @@ def prepare_source(
     except BaseException as exc:
         _discard(out_dir, collect.writers, exc)
         raise
+    options = dict(seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, cache_key=cache_key)
+    meta = _meta(tokenizer, dtype, source, splits, options, collect, seconds, workers, extra_meta)
+    tmp = out_dir / (META_FILE + ".tmp")
+    try:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, out_dir / META_FILE)
+    except BaseException as exc:
+        _discard(out_dir, collect.writers, exc)
+        raise
+    return meta
+
+
+def _meta(tokenizer, dtype, source, splits, options, collect, seconds, workers, extra_meta) -> dict:
+    """meta.json: what the shards hold and how they were made."""
     fallback_notes = [note for kind, note in collect.encoders.items() if kind == "tokenizers" and note]
-    meta = {
+    return {
         "version": PREPARE_VERSION,
         "tokenizer_hash": tokenizer.hash,
         "vocab_size": tokenizer.vocab_size,
         "eot_id": tokenizer.eot_id,
         "dtype": np.dtype(dtype).name,
         "source": source.description,
-        "seed": seed,
-        "val_fraction": val_fraction,
-        "test_fraction": test_fraction,
+        "seed": options["seed"],
+        "val_fraction": options["val_fraction"],
+        "test_fraction": options["test_fraction"],
         "splits": splits,
-        "cache_key": cache_key,
+        "cache_key": options["cache_key"],
         "build": {
             "seconds": round(seconds, 3),
             "input_bytes": collect.read_bytes,
@@ -429,14 +443,6 @@ def prepare_source(
         },
         **(extra_meta or {}),
     }
-    tmp = out_dir / (META_FILE + ".tmp")
-    try:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, out_dir / META_FILE)
-    except BaseException as exc:
-        _discard(out_dir, collect.writers, exc)
-        raise
-    return meta
 
 
 def _discard(out_dir: Path, writers: dict, exc: BaseException) -> None:

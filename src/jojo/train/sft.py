@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jojo import checkpoint as ckpt_io
 from jojo.data.messages import MESSAGE_FORMATS, messages_from_record
 from jojo.errors import JojoError
 from jojo.model import IGNORE_INDEX
@@ -382,29 +383,13 @@ def run_sft(
 
     overrides: the command line's override tree: an explicit model.* value that differs from the checkpoint's
     architecture is refused; a resume lists what it honours."""
-    from jojo import checkpoint as ckpt_io
     from jojo.train.lock import RunLock
-    from jojo.train.lora import apply_lora, lora_summary, merged_state_dict
     from jojo.train.run import check_memory, keep_architecture, resume_line
     from jojo.train.system import setup_runtime, teardown_runtime
 
-    run_dir = Path(cfg.logging.out_dir)
-    resume_from = None
-    if resume:
-        if not (run_dir / "latest").exists():
-            raise JojoError(f"nothing to resume in {run_dir}: no 'latest' checkpoint; drop --resume to start fresh")
-        if cfg.lora.rank:
-            raise JojoError(
-                "--resume does not work with LoRA: its checkpoints hold the merged weights, not the adapters; "
-                f"start a new run from them instead (jojo sft {run_dir} --lora-rank {cfg.lora.rank} --out NEW_DIR)"
-            )
-        resume_from = ckpt_io.resolve_checkpoint(run_dir)
-    elif not init_from:
-        raise JojoError("SFT starts from a pretrained model: pass --init-from CKPT (a checkpoint or run directory)")
-    elif (run_dir / "latest").exists():
-        raise JojoError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+    resume_from = _sft_start(cfg, init_from, resume)
     rt = setup_runtime(cfg.system)
-    lock = RunLock(run_dir)
+    lock = RunLock(cfg.logging.out_dir)
     try:
         lock.acquire()  # one writer per run directory, before anything is written into it
         model, tok, state = ckpt_io.load_checkpoint(resume_from or init_from, rt.device)
@@ -418,40 +403,8 @@ def run_sft(
         cfg = dataclasses.replace(cfg, model=model.config)
         if not cfg.lora.rank:  # the estimate counts gradients and AdamW moments for every weight: not LoRA's case
             check_memory(cfg, rt, loaded=model)
-        block = model.config.block_size
-        data = load_sft_data(
-            tok,
-            cfg.data.dataset,
-            block,
-            fmt=cfg.data.format,
-            on_bad=cfg.data.on_bad,
-            val_fraction=cfg.data.val_fraction,
-            seed=cfg.system.seed,
-            embedded_n=cfg.data.embedded_chats,
-        )
-        if rt.is_main:
-            say(data.summary())
-        common = dict(batch_size=cfg.data.batch_size, block_size=block, pad_id=tok.eot_id, packing=cfg.data.packing)
-        train_src = SFTSource(data.train, seed=cfg.system.seed, rank=rt.rank, world_size=rt.world_size, **common)
-        val_src = SFTSource(data.val or data.train[:1], shuffle=False, **common)
-        stats = train_src.token_stats()
-        if rt.is_main:
-            say(
-                f"{'packed' if cfg.data.packing else 'padded'} rows: {stats['conversations_per_row']:.1f} "
-                f"conversations per row; trained on {100 * stats['trained_fraction']:.1f}% of positions "
-                f"({100 * stats['trained_fraction_of_tokens']:.1f}% of non-padding tokens: the assistant turns)"
-            )
-        lora_info = None
-        state_dict_fn = None
-        if cfg.lora.rank:
-            adapted = apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
-            lora_info = lora_summary(model, adapted, cfg.lora)
-            state_dict_fn = lambda: merged_state_dict(model)  # noqa: E731  (checkpoints hold merged weights)
-            if rt.is_main:
-                say(
-                    f"LoRA rank {cfg.lora.rank} on {len(adapted)} matrices ({cfg.lora.targets}): "
-                    f"{lora_info['trainable']:,} trainable of {lora_info['total']:,} parameters"
-                )
+        data, train_src, val_src, stats = _sft_sources(cfg, tok, rt, say)
+        lora_info, state_dict_fn = _sft_lora(cfg, model, rt, say)
         model.train()
         extra = {"sft": {"init_from": str(init_from), "data": data.description, "packing": cfg.data.packing,
                          "skipped": dict(data.bad), "trained_fraction": stats["trained_fraction"],
@@ -462,3 +415,59 @@ def run_sft(
     finally:
         lock.release()
         teardown_runtime(rt)
+
+
+def _sft_start(cfg, init_from: str | None, resume: bool) -> Path | None:
+    """The checkpoint a resumed run continues from (None for a new run), after refusing what cannot start."""
+    run_dir = Path(cfg.logging.out_dir)
+    if resume:
+        if not (run_dir / "latest").exists():
+            raise JojoError(f"nothing to resume in {run_dir}: no 'latest' checkpoint; drop --resume to start fresh")
+        if cfg.lora.rank:
+            raise JojoError(
+                "--resume does not work with LoRA: its checkpoints hold the merged weights, not the adapters; "
+                f"start a new run from them instead (jojo sft {run_dir} --lora-rank {cfg.lora.rank} --out NEW_DIR)"
+            )
+        return ckpt_io.resolve_checkpoint(run_dir)
+    if not init_from:
+        raise JojoError("SFT starts from a pretrained model: pass --init-from CKPT (a checkpoint or run directory)")
+    if (run_dir / "latest").exists():
+        raise JojoError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+    return None
+
+
+def _sft_sources(cfg, tok: Tokenizer, rt, say):
+    """The conversations, read and split, as training and validation batch sources, and their token stats."""
+    block = cfg.model.block_size
+    data = load_sft_data(tok, cfg.data.dataset, block, fmt=cfg.data.format, on_bad=cfg.data.on_bad,
+                         val_fraction=cfg.data.val_fraction, seed=cfg.system.seed,
+                         embedded_n=cfg.data.embedded_chats)  # fmt: skip
+    if rt.is_main:
+        say(data.summary())
+    common = dict(batch_size=cfg.data.batch_size, block_size=block, pad_id=tok.eot_id, packing=cfg.data.packing)
+    train_src = SFTSource(data.train, seed=cfg.system.seed, rank=rt.rank, world_size=rt.world_size, **common)
+    val_src = SFTSource(data.val or data.train[:1], shuffle=False, **common)
+    stats = train_src.token_stats()
+    if rt.is_main:
+        say(
+            f"{'packed' if cfg.data.packing else 'padded'} rows: {stats['conversations_per_row']:.1f} "
+            f"conversations per row; trained on {100 * stats['trained_fraction']:.1f}% of positions "
+            f"({100 * stats['trained_fraction_of_tokens']:.1f}% of non-padding tokens: the assistant turns)"
+        )
+    return data, train_src, val_src, stats
+
+
+def _sft_lora(cfg, model, rt, say):
+    """With cfg.lora.rank: adapters on the targets, and checkpoints that hold the merged weights."""
+    from jojo.train.lora import apply_lora, lora_summary, merged_state_dict
+
+    if not cfg.lora.rank:
+        return None, None
+    adapted = apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
+    info = lora_summary(model, adapted, cfg.lora)
+    if rt.is_main:
+        say(
+            f"LoRA rank {cfg.lora.rank} on {len(adapted)} matrices ({cfg.lora.targets}): "
+            f"{info['trainable']:,} trainable of {info['total']:,} parameters"
+        )
+    return info, lambda: merged_state_dict(model)
