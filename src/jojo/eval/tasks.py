@@ -41,15 +41,19 @@ Scoring rules (lm-evaluation-harness's, so figures compare with the field's):
   of its letter as the assistant's first token; `acc` only. LAMBADA has no chat form.
 
 The engine (`score_requests`): requests that share a context (the choices of one item) run that context once.
-Contexts of equal length are batched: one forward over the contexts fills a KV cache and gives the
-distribution of every continuation's first token; the cache is copied to one row per continuation, and one
-forward over the continuations (right-padded: causal attention never lets padding reach an earlier position)
-gives the rest. The output layer and its softmax run only where a continuation token is predicted. Rows per
-forward are bounded by `batch_size`.
+Contexts are sorted by length and taken in batches of up to 16 x `batch_size` continuation rows (and 8192
+context tokens). One forward
+over the first m - 1 tokens of every context of the batch (m = its shortest context) fills a KV cache; then the
+continuation rows, sorted by length, go in chunks of at most `batch_size` rows, each row with a copy of its
+context's cached keys and values, feeding the rest of its context and its continuation (right-padded: causal
+attention never lets padding reach an earlier position). A multiple-choice item's shared context thus runs
+once instead of once per choice, and only the positions that predict a continuation token reach the output
+layer and its softmax (at most LOGITS_BUDGET values per forward).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import math
@@ -58,6 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from jojo.device import autocast
 from jojo.errors import JojoError
@@ -65,6 +70,9 @@ from jojo.tokenizer import Tokenizer, encode_chat
 
 MULTIPLE_CHOICE, SCHEMA, LANGUAGE_MODEL = "multiple_choice", "schema", "language_model"
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+LOGITS_BUDGET = 1 << 25  # output-layer values per forward (128 MiB in float32): bounds memory for large vocabularies
+PREFILL_CHUNKS = 16  # one prefill serves up to this many second-forward chunks of batch_size rows...
+PREFILL_TOKENS = 8192  # ...and holds at most this many context tokens (its KV cache: 8192 x layers x 2 x width)
 ENV_DIR = "JOJO_EVAL_DIR"
 
 
@@ -283,23 +291,28 @@ def score_requests(
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, _, _) in enumerate(prepared):
         groups.setdefault(ctx, []).append(i)
-    # Longest contexts first (a memory problem shows at once), equal lengths together (one prefill per batch).
-    order = sorted(groups, key=lambda c: (-len(c), -max(len(prepared[i][1]) for i in groups[c])))
+    # Longest first (a memory problem shows at once); neighbours in this order have similar lengths, so the
+    # context tails that the second forward recomputes per continuation (see `_score_batch`) stay short.
+    order = sorted(groups, key=lambda c: (-len(c), -max(len(prepared[i][1]) for i in groups[c]), c))
     results: list[Score | None] = [None] * len(prepared)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(prepared), desc="scoring", unit="req", dynamic_ncols=True, leave=False)
-    batch: list[tuple[int, ...]] = []
-    rows = 0
     was_training = model.training
     model.eval()
     try:
+        batch: list[tuple[int, ...]] = []
+        rows = 0
         for ctx in order + [None]:
             n = len(groups[ctx]) if ctx is not None else 0
-            if batch and (ctx is None or len(ctx) != len(batch[0]) or rows + n > batch_size):
-                _score_batch(model, batch, [groups[c] for c in batch], prepared, results, device, dtype)
+            # contexts come longest first: the batch's first is its longest, (len(batch) + 1) x that bounds its prefill
+            full = batch and (
+                rows + n > batch_size * PREFILL_CHUNKS or (len(batch) + 1) * len(batch[0]) > PREFILL_TOKENS
+            )
+            if batch and (ctx is None or full):
+                _score_batch(model, batch, groups, prepared, results, device, dtype, batch_size)
                 if bar:
                     bar.update(rows)
                 batch, rows = [], 0
@@ -313,45 +326,87 @@ def score_requests(
     return results  # type: ignore[return-value]
 
 
-def _score_batch(model, contexts, members, prepared, results, device, dtype) -> None:
-    """One prefill over `contexts` (all the same length c), then one forward over every continuation."""
-    c = len(contexts[0])
-    cache_dtype = None if dtype == torch.float32 else dtype
-    idx = torch.tensor(contexts, dtype=torch.long, device=device)
-    cache = model.new_cache(len(contexts), c, dtype=cache_dtype)
-    with autocast(device, dtype):
-        logits, _ = model(idx, cache=cache, last_only=True)
-    first = logits[:, -1].float()  # [groups, V]: the distribution of every continuation's first token
-    row_group = [g for g, rows in enumerate(members) for _ in rows]
-    request_ids = [i for rows in members for i in rows]
-    conts = [prepared[i][1] for i in request_ids]
-    k_max = max(len(k) for k in conts)
-    targets = torch.zeros(len(conts), k_max, dtype=torch.long)
-    for r, k in enumerate(conts):
-        targets[r, : len(k)] = torch.tensor(k)
-    targets = targets.to(device)
-    lengths = torch.tensor([len(k) for k in conts], device=device)
-    sel = torch.tensor(row_group, dtype=torch.long, device=device)
+@contextlib.contextmanager
+def _output_rows(model, rows: torch.Tensor):
+    """While active, the model's output layer sees only the final-norm rows `rows` (flat indices into
+    batch x time), so the logits come out as [1, len(rows), V] and nothing is spent on positions nobody scores.
+    Applied from outside with a forward hook on `norm_f`; a model without one yields False and is left alone."""
+    norm = getattr(model, "norm_f", None)
+    if not isinstance(norm, torch.nn.Module) or not isinstance(getattr(model, "lm_head", None), torch.nn.Module):
+        yield False
+        return
+    handle = norm.register_forward_hook(lambda _m, _a, out: out.reshape(-1, out.shape[-1]).index_select(0, rows)[None])
+    try:
+        yield True
+    finally:
+        handle.remove()
 
-    first_rows = first[sel]  # [rows, V]
-    logp = first_rows.gather(1, targets[:, :1]).squeeze(1) - torch.logsumexp(first_rows, dim=-1)
-    greedy = first_rows.argmax(-1) == targets[:, 0]
-    if k_max > 1:
-        # The context's keys and values, copied to one row per continuation; the continuations follow at c.
-        rows_cache = model.new_cache(len(conts), c + k_max - 1, dtype=cache_dtype)
-        rows_cache.k[:, :, :, :c] = cache.k[:, sel, :, :c]
-        rows_cache.v[:, :, :, :c] = cache.v[:, sel, :, :c]
-        rows_cache.pos = c
+
+def _score_batch(model, contexts, groups, prepared, results, device, dtype, chunk_rows: int) -> None:
+    """A batch of contexts (lengths c_g, shortest m) and their continuations, in 1 + ceil(rows / chunk_rows)
+    forwards:
+
+    1. prefill: the first m - 1 tokens of every context, one row per context, into a KV cache (skipped when
+       m == 1);
+    2. the continuation rows, sorted by length and cut into chunks of at most `chunk_rows` rows: each row gets a
+       copy of its context's cached prefix, then one forward over every row's own rest, context tokens
+       m - 1 .. c_g - 1 and the continuation but its last token, right-padded. Positions run on from m - 1 in
+       every row, so each row sees exactly its context and continuation; continuation token j is predicted at
+       index c_g - m + j. Only those positions reach the output layer (`_output_rows`)."""
+    m = min(len(c) for c in contexts)
+    cache_dtype = None if dtype == torch.float32 else dtype
+    first = None
+    if m > 1:
+        prefix = torch.tensor([c[: m - 1] for c in contexts], dtype=torch.long, device=device)
+        first = model.new_cache(len(contexts), m - 1, dtype=cache_dtype)
         with autocast(device, dtype):
-            rest, _ = model(targets[:, :-1], cache=rows_cache)  # [rows, k_max - 1, V]
-        rest = rest.float()
-        tgt = targets[:, 1:]
-        mask = torch.arange(1, k_max, device=device)[None, :] < lengths[:, None]
-        token_logp = rest.gather(2, tgt[..., None]).squeeze(-1) - torch.logsumexp(rest, dim=-1)
-        logp = logp + (token_logp * mask).sum(1)
-        greedy = greedy & ((rest.argmax(-1) == tgt) | ~mask).all(1)
-    for r, i in enumerate(request_ids):
-        results[i] = Score(float(logp[r]), bool(greedy[r]), len(conts[r]), prepared[i][2])
+            model(prefix, cache=first, last_only=True)
+    # (request, its context's row in the prefill, the tokens the second forward feeds)
+    rows = [(i, g, list(ctx[m - 1 :]) + prepared[i][1][:-1]) for g, ctx in enumerate(contexts) for i in groups[ctx]]
+    rows.sort(key=lambda r: -len(r[2]))
+    vocab = model.config.vocab_size
+    start = 0
+    while start < len(rows):
+        end = min(start + chunk_rows, len(rows))
+        # bound the chunk's output-layer values: its scored tokens x vocab
+        while end - start > 1 and sum(len(prepared[i][1]) for i, _, _ in rows[start:end]) * vocab > LOGITS_BUDGET:
+            end -= 1
+        _score_chunk(model, rows[start:end], contexts, m, first, prepared, results, device, dtype, cache_dtype)
+        start = end
+
+
+def _score_chunk(model, rows, contexts, m, first, prepared, results, device, dtype, cache_dtype) -> None:
+    width = max(len(feed) for _, _, feed in rows)
+    cache = None
+    if first is not None:
+        sel = torch.tensor([g for _, g, _ in rows], dtype=torch.long, device=device)
+        cache = model.new_cache(len(rows), m - 1 + width, dtype=cache_dtype)
+        cache.k[:, :, :, : m - 1] = first.k[:, sel, :, : m - 1]
+        cache.v[:, :, :, : m - 1] = first.v[:, sel, :, : m - 1]
+        cache.pos = m - 1
+    inputs = torch.tensor([feed + [0] * (width - len(feed)) for _, _, feed in rows], dtype=torch.long, device=device)
+    # The positions that predict a continuation token (flat indices into rows x width), their targets and rows.
+    where, targets, owner = [], [], []
+    for r, (i, g, _) in enumerate(rows):
+        cont = prepared[i][1]
+        at = r * width + len(contexts[g]) - m
+        where.extend(range(at, at + len(cont)))
+        targets.extend(cont)
+        owner.extend([r] * len(cont))
+    where_t = torch.tensor(where, dtype=torch.long, device=device)
+    with _output_rows(model, where_t) as selected, autocast(device, dtype):
+        logits, _ = model(inputs, cache=cache)
+    logits = logits.reshape(-1, logits.shape[-1])
+    picked = (logits if selected else logits.index_select(0, where_t)).float()  # [scored tokens, V]
+    target_t = torch.tensor(targets, dtype=torch.long, device=device)
+    owner_t = torch.tensor(owner, dtype=torch.long, device=device)
+    # one fused cross-entropy gives -log p of each target; the row sums are the log-likelihoods
+    token_logp = -F.cross_entropy(picked, target_t, reduction="none")
+    misses = (picked.argmax(-1) != target_t).float()
+    logp = torch.zeros(len(rows), device=device).index_add_(0, owner_t, token_logp)
+    greedy = torch.zeros(len(rows), device=device).index_add_(0, owner_t, misses) == 0
+    for (i, _, _), lp, gr in zip(rows, logp.tolist(), greedy.tolist()):
+        results[i] = Score(lp, gr, len(prepared[i][1]), prepared[i][2])
 
 
 # ---- tasks -------------------------------------------------------------------------------------------
