@@ -2,10 +2,10 @@
 items, same CPU.
 
 The model: a checkpoint (`--ckpt`), or a random-init one built here (speed does not depend on what the weights
-say): gpt2 family, `--layers` x `--dim`, context 256, the tokenizer of `--tokenizer-from` (a checkpoint), else a BPE of 4096 tokens trained
-on the TinyStories excerpt (as eval_parity.py's). It is written as a
-Jojo checkpoint, exported with `jojo.export.hf.export_hf` and loaded by lm-eval's `HFLM` (float32), so both sides
-run identical weights.
+say): gpt2 family, `--layers` x `--dim`, context 256, with the tokenizer of `--tokenizer-from` (a checkpoint),
+else a BPE of 4096 tokens trained on the TinyStories excerpt (as eval_parity.py's). It is written as a Jojo
+checkpoint, exported with `jojo.export.hf.export_hf` and loaded by lm-eval's `HFLM` (float32), so both sides run
+identical weights.
 
 Per round, each contender scores the first `--limit` items of the shared HellaSwag file (4 choices each):
 
@@ -97,8 +97,9 @@ def main() -> None:
         for i, choice in enumerate(item["choices"])
     ]
     n = len(items)
-    print(f"model: {model.num_params():,} parameters ({args.layers} x {args.dim}, context {model.config.block_size}, "
-          f"vocab {model.config.vocab_size}); {n} HellaSwag items, {len(requests)} requests; batch {args.batch_size}")  # fmt: skip
+    c = model.config
+    print(f"model: {model.num_params():,} parameters ({c.n_layer} x {c.n_embd}, context {c.block_size}, vocab "
+          f"{c.vocab_size}); {n} HellaSwag items, {len(requests)} requests; batch {args.batch_size} rows")  # fmt: skip
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), lm-eval {lm_eval.__version__}")
 
     def run_jojo():
