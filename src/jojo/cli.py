@@ -70,6 +70,38 @@ def _add_export_commands(sub) -> None:
     up.add_argument("--gguf", choices=["f32", "f16", "q8_0"], help="also upload a GGUF file of this type")
 
 
+def _add_eval_commands(sub) -> None:
+    """`jojo eval CKPT` and `jojo eval download` (jojo.eval)."""
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint: loss/bpb on held-out text, zero-shot tasks, chat exact match, generation",
+        description="`jojo eval CKPT [--tasks a,b] [--limit N] [--output results.json]` prints a table and writes "
+        "JSON. Tasks: lm (needs --data or --text; default: the run's own dataset), hellaswag, arc-easy, "
+        "arc-challenge, piqa, winogrande, lambada, chat (needs --chat-data), generation. Default: lm plus every "
+        "task whose data is in --data-dir. `jojo eval download --tasks a,b --out DIR` fetches task data.",
+    )
+    ev.add_argument("checkpoint", help="checkpoint or run directory; or `download` to fetch task data")
+    ev.add_argument("--tasks", help="comma-separated (default: lm + every task whose data is present)")
+    ev.add_argument("--limit", type=int, default=0, help="first N items of each task (0 = all)")
+    ev.add_argument("--output", help="write the report as JSON to this file")
+    ev.add_argument("--data", help="lm metrics on this prepared dataset (a `jojo prepare` folder)")
+    ev.add_argument("--split", default="val", choices=["train", "val", "test"], help="split of --data (val)")
+    ev.add_argument("--text", help="lm metrics on raw text: a file, folder or glob, read as `jojo prepare` reads it")
+    ev.add_argument("--format", dest="text_format", default="auto", help="--text format (as jojo prepare)")
+    ev.add_argument("--split-on", default="auto", help="how --text files split into documents (as jojo prepare)")
+    ev.add_argument("--field", help="text field of --text JSON/JSONL/Parquet/CSV records")
+    ev.add_argument("--stride", type=int, help="sliding windows every N tokens (default: non-overlapping windows)")
+    ev.add_argument("--max-batches", type=int, help="lm batches (default: the run's eval_iters; 0 = whole split)")
+    ev.add_argument("--batch-size", type=int, help="rows per forward (lm default: the run's; tasks: 32)")
+    ev.add_argument("--data-dir", help="task data folder (default $JOJO_EVAL_DIR or ~/.cache/jojo/eval)")
+    ev.add_argument("--chat", action="store_true", help="score multiple-choice tasks through the chat template")
+    ev.add_argument("--chat-data", help="exact match on a JSONL of conversations ending with the reference answer")
+    ev.add_argument("--generate", action="store_true", help="also sample text and measure generation speed")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ev.add_argument("--out", help="`jojo eval download`: the folder to write (default: the --data-dir default)")
+
+
 def _config_help(preset: str) -> str:
     from jojo.config import config_help
 
@@ -242,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_commands(sub)
     _add_inference_commands(sub)
     _add_export_commands(sub)
+    _add_eval_commands(sub)
     return parser
 
 

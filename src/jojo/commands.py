@@ -299,6 +299,43 @@ def cmd_upload(args) -> None:
         print(f"uploaded {folder} -> {where}")
 
 
+def cmd_eval(args) -> None:
+    if args.checkpoint == "download":
+        from jojo.eval.download import download_tasks
+
+        manifest = download_tasks(args.tasks, args.out or args.data_dir)
+        print(f"{len(manifest['tasks'])} task(s) in the manifest; evaluate with: jojo eval CKPT --data-dir DIR")
+        return
+    from jojo.eval.run import evaluate_checkpoint, format_report, report_json
+
+    report = evaluate_checkpoint(
+        args.checkpoint,
+        tasks=args.tasks,
+        limit=args.limit,
+        data=args.data,
+        split=args.split,
+        text=args.text,
+        text_format=args.text_format,
+        split_on=_unescape(args.split_on),
+        field=args.field,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        max_batches=args.max_batches,
+        data_dir=args.data_dir,
+        chat=args.chat,
+        chat_data=args.chat_data,
+        generate=args.generate,
+        device=args.device,
+        dtype=args.dtype,
+        progress=sys.stderr.isatty(),
+    )
+    print(format_report(report))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(report_json(report))
+        print(f"report -> {args.output}")
+
+
 def dispatch(args, rest: list[str]) -> int | None:
     if args.command == "tokenizer":
         return cmd_tokenizer_eval(args) if args.tokenizer_command == "eval" else cmd_tokenizer_train(args)
@@ -315,5 +352,6 @@ def dispatch(args, rest: list[str]) -> int | None:
         "export": cmd_export,
         "import": cmd_import,
         "upload": cmd_upload,
+        "eval": cmd_eval,
     }
     return handlers[args.command](args)
