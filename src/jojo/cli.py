@@ -55,6 +55,26 @@ def _add_export_commands(sub) -> None:
     up.add_argument("--gguf", choices=["f32", "f16", "q8_0"], help="also upload a GGUF file of this type")
 
 
+def _add_serve_commands(sub) -> None:
+    """`jojo serve` (jojo.serve): the OpenAI-compatible API and the chat page."""
+    sv = sub.add_parser(
+        "serve",
+        help="serve a checkpoint: an OpenAI-compatible API (/v1) and a chat page (/), with continuous batching",
+        description="POST /v1/chat/completions and /v1/completions (streaming or not), GET /v1/models, /health, "
+        "/metrics, and the chat page at /. Listens on 127.0.0.1 unless --host says otherwise.",
+    )
+    sv.add_argument("checkpoint", help="checkpoint directory or run directory")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $JOJO_API_KEY)")
+    sv.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row before 429")
+    sv.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    sv.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
+    sv.add_argument("--model-name", default=None, help="the model id clients send (default: the run's name)")
+    sv.add_argument("--device", default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jojo", description="Build a language model from scratch, end to end.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dir")
     pl.add_argument("--out", help="PNG path (default RUN_DIR/loss.png)")
     _add_export_commands(sub)
+    _add_serve_commands(sub)
     return parser
 
 

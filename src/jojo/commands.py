@@ -282,6 +282,28 @@ def cmd_upload(args) -> None:
         print(f"uploaded {folder} -> {where}")
 
 
+def cmd_serve(args) -> None:
+    import os
+
+    from jojo.checkpoint import resolve_checkpoint
+    from jojo.serve.app import ServeSettings, serve
+
+    resolve_checkpoint(args.checkpoint)  # a wrong path fails here, before the server starts
+    settings = ServeSettings(
+        checkpoint=args.checkpoint,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("JOJO_API_KEY") or None,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        threads=args.threads,
+        cors_origins=tuple(args.cors_origin),
+        device=args.device,
+        model_name=args.model_name,
+    )
+    serve(settings)
+
+
 def dispatch(args, rest: list[str]) -> int | None:
     if args.command == "tokenizer":
         return cmd_tokenizer_eval(args) if args.tokenizer_command == "eval" else cmd_tokenizer_train(args)
@@ -298,5 +320,6 @@ def dispatch(args, rest: list[str]) -> int | None:
         "export": cmd_export,
         "import": cmd_import,
         "upload": cmd_upload,
+        "serve": cmd_serve,
     }
     return handlers[args.command](args)
