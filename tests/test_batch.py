@@ -197,6 +197,29 @@ def test_utf8_pieces_wait_for_the_whole_character(tokenizer):
         req.tokens.append(to_id[b])
         pieces.append(engine._detokenize(req))
     assert pieces == ["a", "", "é", "", "", "€"]
+    req.tokens.append(to_id[0x80])  # a stray continuation byte is invalid at once: no waiting for it
+    assert engine._detokenize(req) == "\ufffd"
+    req.tokens += [to_id[0xE2], to_id[0x82]]  # an unfinished character at the end: shown as U+FFFD when it ends
+    assert engine._detokenize(req) == ""
+    assert engine._detokenize(req, final=True) == "\ufffd"
+    assert "".join(pieces) + "\ufffd" * 2 == tokenizer.decode(req.tokens)
+
+
+def test_text_of_a_tokenizer_without_byte_table_adds_up_too(tokenizer):
+    """The fallback for tokenizers that are not byte-level: a decoded window, waiting on U+FFFD."""
+    model = make_model("gpt2", tokenizer)
+    engine = BatchEngine(model, tokenizer)
+    assert engine._token_bytes is not None
+    engine._token_bytes = None
+    req = Request("r", [1], GREEDY, (), frozenset(), None)
+    to_id = {b: tokenizer.backend.token_to_id(c) for c, b in byte_level_alphabet().items()}
+    pieces = []
+    for t in [*tokenizer.encode("the cat "), to_id[0xC3], to_id[0xA9], *tokenizer.encode(" sat")]:
+        req.tokens.append(t)
+        pieces.append(engine._detokenize(req))
+    assert "".join(pieces) == "the cat é sat" and "" in pieces
+    results = engine.generate_many(["the dog"], SamplingConfig(max_tokens=30, temperature=0.0))
+    assert results[0].text == tokenizer.decode(results[0].token_ids)
 
 
 def test_engine_thread_streams_and_submits_from_many_threads(tokenizer):

@@ -283,9 +283,13 @@ def cmd_upload(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    import os
-
     from jojo.checkpoint import resolve_checkpoint
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise JojoError("jojo serve needs FastAPI and uvicorn: pip install -e '.[serve]' (or setup.sh --dev)") from None
     from jojo.serve.app import ServeSettings, serve
 
     resolve_checkpoint(args.checkpoint)  # a wrong path fails here, before the server starts

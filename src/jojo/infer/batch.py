@@ -57,7 +57,9 @@ Without `start()`, `generate_many` (and `run_until_done`) drive the steps in the
 
 from __future__ import annotations
 
+import codecs
 import itertools
+import json
 import secrets
 import threading
 import time
@@ -71,6 +73,7 @@ from jojo.errors import JojoError
 from jojo.infer.decode import convert_for_decoding
 from jojo.infer.engine import SamplingConfig, pick, process_logits
 from jojo.model import GPT
+from jojo.tokenizer import byte_level_alphabet
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
@@ -179,6 +182,7 @@ class Request:
         self._budget = 0
         self._prefix_off = 0  # detokenization window: ids[_prefix_off:_read_off] were turned into text already
         self._read_off = 0
+        self._utf8 = None  # the incremental UTF-8 decoder (byte-level tokenizers)
         self._held = ""  # text held back: it may be the start of a stop string
 
     # ---- caller side -------------------------------------------------------------------------------------
@@ -272,6 +276,25 @@ def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
     return best
 
 
+def _token_bytes(tok) -> list[bytes] | None:
+    """The raw bytes of every token id of a byte-level BPE (None for another kind of tokenizer). Added tokens
+    (<|endoftext|>, <|im_start|>, <|im_end|>) are their text, as `decode` writes them."""
+    backend = tok.backend
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    if decoder.get("type") != "ByteLevel":
+        return None
+    alphabet = byte_level_alphabet()
+    table: list[bytes] = [b""] * backend.get_vocab_size(with_added_tokens=True)
+    for piece, idx in backend.get_vocab(with_added_tokens=True).items():
+        if idx >= len(table):
+            return None
+        if all(c in alphabet for c in piece):
+            table[idx] = bytes(alphabet[c] for c in piece)
+        else:
+            table[idx] = piece.encode()
+    return table
+
+
 class BatchEngine:
     """Continuous batching over one model (see the module docstring). Thread-safe: `submit`, `cancel`, `stats`
     from any thread; the steps run in the engine's own thread after `start()`, or in the caller's through
@@ -296,6 +319,7 @@ class BatchEngine:
         self.vocab_limit = min(tokenizer.vocab_size, self.cfg.vocab_size)  # padded embedding rows never sampled
         self.chat_stop_ids = frozenset({tokenizer.im_end_id, tokenizer.eot_id})
         self.text_stop_ids = frozenset({tokenizer.eot_id})
+        self._token_bytes = _token_bytes(tokenizer)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         p = model.wte.weight
         self.device = p.device
@@ -610,13 +634,24 @@ class BatchEngine:
         return True
 
     def _detokenize(self, req: Request, final: bool = False) -> str:
-        """The new text of the last tokens. Decodes a short window (the text of ids[_prefix_off:_read_off] is
-        already out; it gives the context a tokenizer may need to decode the next ids, e.g. a leading space) and
-        holds the tokens back while they end in an incomplete UTF-8 character (decoded as U+FFFD)."""
+        """The text of the tokens not yet turned into text, holding back an incomplete UTF-8 character.
+
+        Byte-level tokenizers (Jojo's, GPT-2's, Llama 3's): the tokens' raw bytes go through an incremental UTF-8
+        decoder, which holds back at most the 3 bytes of an unfinished character and turns invalid bytes into
+        U+FFFD at once; the pieces then add up to `tok.decode(tokens)` exactly. Other tokenizers: decode a short
+        window (the ids from the previous piece on, so a tokenizer that needs context, e.g. for a leading space,
+        has it) and wait while its text ends in U+FFFD, for at most 8 tokens."""
         ids = req.tokens
+        if self._token_bytes is not None:
+            if req._utf8 is None:
+                req._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+            new = b"".join(self._token_bytes[t] for t in ids[req._read_off :])
+            req._read_off = len(ids)
+            return req._utf8.decode(new, final)
         prefix = self.tok.decode(ids[req._prefix_off : req._read_off])
         text = self.tok.decode(ids[req._prefix_off :])
-        if not final and (text.endswith("\ufffd") or len(text) <= len(prefix)):
+        waiting = text.endswith("\ufffd") and len(ids) - req._read_off < 8 or len(text) <= len(prefix)
+        if waiting and not final:
             return ""
         req._prefix_off, req._read_off = req._read_off, len(ids)
         return text[len(prefix) :]
@@ -643,7 +678,7 @@ class BatchEngine:
         if req.done:
             return
         if flush:
-            tail = self._detokenize(req, final=True) if req._read_off < len(req.tokens) else ""
+            tail = self._detokenize(req, final=True)
             if self._push_text(req, tail):
                 reason = "stop"  # the flushed text completed a stop string
             else:

@@ -325,6 +325,8 @@ def create_app(settings: ServeSettings, engine: BatchEngine | None = None, model
             texts = body.prompts()
             prompts = await run_in_threadpool(lambda: [tok.encode(t) if t else [tok.eot_id] for t in texts])
             stop_ids, param = engine.text_stop_ids, "prompt"
+        if body.ignore_eos:
+            stop_ids = frozenset()
         max_prompt = settings.max_prompt_tokens or engine.block - 1
         limit = settings.max_tokens_limit or engine.block
         for ids in prompts:

@@ -3,7 +3,8 @@
 Requests are parsed strictly (a string where a number belongs is a 400, not a silent conversion), in OpenAI's
 field names: `max_tokens` or `max_completion_tokens` (the newer name wins), `temperature`, `top_p`, `n`, `seed`,
 `stop` (a string or up to 4), `stream`, `stream_options.include_usage`; `top_k` and `repetition_penalty` are
-extensions (vLLM and llama.cpp accept the same names). Parameters the engine cannot honour (`logprobs`, tools,
+extensions (vLLM and llama.cpp accept the same names), and so is `ignore_eos` (vLLM's: generate exactly
+`max_tokens` tokens, for benchmarks). Parameters the engine cannot honour (`logprobs`, tools,
 `logit_bias`, non-zero frequency/presence penalties, `echo`, `suffix`, `best_of` > 1, a non-text
 `response_format`) are refused with a 400 naming them, rather than silently ignored. Other unknown fields are
 ignored, as OpenAI-compatible servers commonly do.
@@ -58,6 +59,7 @@ class _Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    ignore_eos: bool = False  # an extension (vLLM's name): keep going past <|endoftext|>/<|im_end|> (benchmarks)
     n: int = 1
     seed: int | None = None
     stop: str | list[str] | None = None
