@@ -160,6 +160,21 @@ def test_stop_and_max_tokens_end_with_the_right_finish_reason(server):
     )
     assert "".join(p.choices[0].text for p in streamed) == stopped.choices[0].text
     assert streamed[-1].choices[0].finish_reason == "stop"
+    nulls = httpx.post(
+        server.base + "/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={
+            "prompt": prompt,
+            "max_tokens": 12,
+            "temperature": 0,
+            "top_p": None,
+            "n": None,
+            "stop": None,
+            "seed": None,
+            "stream": None,
+        },
+    )
+    assert nulls.status_code == 200 and nulls.json()["choices"][0]["text"] == text  # null = the default
     newer = c.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Hi"}], temperature=0, max_completion_tokens=5
     )

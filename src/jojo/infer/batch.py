@@ -213,10 +213,11 @@ class Request:
 
     def stream(self, timeout: float | None = None) -> Iterator[str]:
         """Yield text pieces as the engine makes them, until the request is done (needs the engine's thread
-        running, or another thread driving its steps)."""
+        running, or another thread driving its steps). Raises TimeoutError after `timeout` s without news."""
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._pieces or self.finish_reason is not None, timeout)
+                if not self._cond.wait_for(lambda: self._pieces or self.finish_reason is not None, timeout):
+                    raise TimeoutError(f"request {self.id}: nothing new in {timeout} s")
                 piece = "".join(self._pieces)
                 self._pieces.clear()
                 finished = self.finish_reason is not None

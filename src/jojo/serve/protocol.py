@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class APIError(Exception):
@@ -72,6 +72,23 @@ class _Sampling(BaseModel):
     logprobs: bool | int | None = None
     top_logprobs: int | None = None
     logit_bias: dict[str, Any] | None = None
+
+    @field_validator(
+        "temperature",
+        "top_p",
+        "top_k",
+        "repetition_penalty",
+        "ignore_eos",
+        "n",
+        "stream",
+        "frequency_penalty",
+        "presence_penalty",
+        mode="before",
+    )
+    @classmethod
+    def _null_means_default(cls, value, info):
+        # many clients send "temperature": null for "not set"; OpenAI takes it as the default
+        return cls.model_fields[info.field_name].default if value is None else value
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for a parameter set to something this server does not do, else None."""
