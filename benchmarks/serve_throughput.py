@@ -12,7 +12,8 @@ within one):
 - serve x1:      one streamed completion;
 - serve x8:      eight streamed completions of eight different prompts, sent --stagger seconds apart, so the
                  later ones join a batch that is already decoding (their prefill interleaves with its steps);
-- transformers:  `model.generate` on the same eight prompts as one left-padded batch, greedy, no stop token;
+- transformers:  `model.generate` on the same eight prompts as one left-padded batch, greedy, no stop token,
+                 and on the first prompt alone (x1);
 - engine x1/x8:  the same two through `BatchEngine.generate_many` in this process (no HTTP), for reference.
 
 tokens/s = all new tokens / wall time from the first request sent to the last token received (prefill
@@ -180,10 +181,13 @@ def main() -> None:
         mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
 
         @torch.inference_mode()
-        def run_hf() -> dict:
+        def run_hf(k: int) -> dict:
             t0 = time.perf_counter()
-            out = hf.generate(batch, attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False)
-            return {"tokens": (out.shape[1] - width) * len(ids), "seconds": time.perf_counter() - t0, "ttft": []}
+            rows = batch[:k] if k > 1 else torch.tensor([ids[0]])  # one prompt alone: no padding
+            out = hf.generate(
+                rows, attention_mask=mask[:k] if k > 1 else None, max_new_tokens=args.new_tokens, do_sample=False
+            )
+            return {"tokens": (out.shape[1] - rows.shape[1]) * k, "seconds": time.perf_counter() - t0, "ttft": []}
 
         engine = None
         if not args.no_engine:
@@ -199,7 +203,8 @@ def main() -> None:
         contenders = {
             "serve x1": lambda: asyncio.run(serve_run(url, PROMPTS[:1], args.new_tokens, 0.0)),
             "serve x8": lambda: asyncio.run(serve_run(url, PROMPTS, args.new_tokens, args.stagger)),
-            "transformers x8 (padded batch)": run_hf,
+            "transformers x8 (padded batch)": lambda: run_hf(8),
+            "transformers x1": lambda: run_hf(1),
         }
         if engine is not None:
             contenders["engine x1 (no HTTP)"] = lambda: run_engine(1)
@@ -237,7 +242,9 @@ def main() -> None:
         print(f"{name:<32} {statistics.median(v):8.1f} tokens/s{extra}")
     print(f"serve x8 / serve x1:              {ratio('serve x8', 'serve x1')}   (target >= 4x)")
     print(f"serve x8 / transformers x8:       {ratio('serve x8', 'transformers x8 (padded batch)')}   (target >= 2x)")
+    print(f"serve x1 / transformers x1:       {ratio('serve x1', 'transformers x1')}")
     if engine is not None:
+        print(f"engine x1 / transformers x1:      {ratio('engine x1 (no HTTP)', 'transformers x1')}")
         print(f"engine x8 / engine x1:            {ratio('engine x8 (no HTTP)', 'engine x1 (no HTTP)')}")
         print(f"engine x8 / transformers x8:      {ratio('engine x8 (no HTTP)', 'transformers x8 (padded batch)')}")
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import tiny_model_config
-from jojo.infer.batch import BatchEngine, BatchKVCache, QueueFull, Request
+from jojo.infer.batch import BatchEngine, BatchKVCache, QueueFull, Request, convert_for_batches
+from jojo.infer.decode import convert_for_decoding
 from jojo.infer.engine import SamplingConfig, generate_stream
 from jojo.model import GPT
 from jojo.tokenizer import byte_level_alphabet
@@ -36,9 +37,11 @@ def reference(model, tokenizer, prompt, sc=GREEDY, stop_ids=None) -> list[int]:
     return list(generate_stream(model, prompt, sc, tokenizer.vocab_size, stop))
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_batched_greedy_equals_single_sequence_with_mixed_lengths_and_arrivals(family, tokenizer):
-    model = make_model(family, tokenizer)
+@pytest.mark.parametrize("family, kernel", [("gpt2", "onednn"), ("llama", "onednn"), ("llama", "linear")])
+def test_batched_greedy_equals_single_sequence_with_mixed_lengths_and_arrivals(family, kernel, tokenizer):
+    model = convert_for_batches(convert_for_decoding(make_model(family, tokenizer)), 4, kernel=kernel)
+    if torch.backends.mkldnn.is_available():
+        assert set(model.batch_kernels.values()) == {kernel}
     engine = BatchEngine(model, tokenizer, max_batch=4, prefill_chunk=8)
     # lengths above the chunk (prefilled over several steps) and below; more requests than rows
     prompts = prompts_of(tokenizer, [3, 17, 1, 30, 9, 5, 22, 12])

@@ -68,9 +68,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from jojo.errors import JojoError
-from jojo.infer.decode import convert_for_decoding
+from jojo.infer.decode import DecodeLinear, DecodeSwiGLU, convert_for_decoding
 from jojo.infer.engine import SamplingConfig, pick, process_logits
 from jojo.model import GPT
 from jojo.tokenizer import byte_level_alphabet
@@ -277,6 +278,96 @@ def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
     return best
 
 
+def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _several_rows_of_one(x: torch.Tensor) -> bool:
+    """A batched decode step's input: [B > 1, 1, C] (not a prefill chunk [1, T, C], not a lone row)."""
+    return x.dim() == 3 and x.shape[1] == 1 and x.shape[0] > 1
+
+
+class BatchDecodeLinear(DecodeLinear):
+    """A `DecodeLinear` whose batched decode step (several rows of one token) multiplies by a oneDNN-packed copy of
+    the weight; one row and prefill chunks go the `DecodeLinear` way (so a request alone computes exactly what
+    `generate_stream` computes)."""
+
+    packed: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and _several_rows_of_one(x):
+            return _onednn_linear(x, self.packed, self.bias)
+        return super().forward(x)
+
+
+class BatchDecodeSwiGLU(DecodeSwiGLU):
+    """`DecodeSwiGLU` with its side-by-side gate and up weights packed for oneDNN in batched decode steps."""
+
+    packed: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None or not _several_rows_of_one(x):
+            return super().forward(x)
+        gate, up = _onednn_linear(x, self.packed, self.bias).view(*x.shape[:-1], 2, -1).unbind(-2)
+        return self.proj(F.silu(gate) * up)
+
+
+def _time_median(fn, reps: int = 20) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[reps // 2]
+
+
+def convert_for_batches(model: GPT, rows: int, kernel: str = "auto") -> GPT:
+    """Give the matrix products of batched decode steps ([rows, 1, C] inputs) oneDNN kernels on prepacked weights,
+    where that is faster than `F.linear` on this machine (timed once per weight shape at `rows` rows; kernel
+    "onednn" or "linear" forces one for every shape).
+
+    Why: on CPU, `F.linear` goes to MKL's sgemm, which on the 2-core AMD EPYC of BENCHMARKS.md runs a [8, 384] x
+    [384, 1536] product at ~60 GFLOP/s and gains nothing from a second thread; oneDNN with the weight reordered
+    once into its blocked layout (`torch.ops.mkldnn._reorder_linear_weight`) reaches 120-180 GFLOP/s, so a decode
+    step of 8 rows costs about half. The packed copy is a second copy of each converted weight (memory: the
+    model's matrices once more). Applies to models converted by `convert_for_decoding` (float32 on CPU) with
+    oneDNN available; others are returned unchanged. Idempotent; returns the model."""
+    if getattr(model, "decode_kernels", None) is None or getattr(model, "batch_kernels", None) is not None:
+        return model
+    if not torch.backends.mkldnn.is_available():
+        model.batch_kernels = {}
+        return model
+    chosen: dict[tuple[int, int], bool] = {}
+
+    def wins(weight: torch.Tensor, packed: torch.Tensor) -> bool:
+        shape = tuple(weight.shape)
+        if shape not in chosen and kernel != "auto":
+            chosen[shape] = kernel == "onednn"
+        if shape not in chosen:
+            x = torch.randn(rows, 1, weight.shape[1])
+            with torch.inference_mode():
+                ours = _time_median(lambda: _onednn_linear(x, packed, None))
+                plain = _time_median(lambda: F.linear(x, weight))
+            chosen[shape] = ours < plain
+        return chosen[shape]
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, DecodeSwiGLU) and not isinstance(module, BatchDecodeSwiGLU):
+                weight = module.wt.t()  # [2 * hidden, in], the gate and up rows side by side
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows)
+                module.__class__ = BatchDecodeSwiGLU  # a subclass adding one branch: parameters stay as they are
+                module.packed = packed if wins(weight, packed) else None
+            elif type(module) is DecodeLinear:
+                weight = module.weight.detach()
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows)
+                module.__class__ = BatchDecodeLinear
+                module.packed = packed if wins(weight, packed) else None
+    model.batch_kernels = {f"{o}x{i}": "onednn" if w else "linear" for (o, i), w in chosen.items()}
+    return model
+
+
 def _token_bytes(tok) -> list[bytes] | None:
     """The raw bytes of every token id of a byte-level BPE (None for another kind of tokenizer). Added tokens
     (<|endoftext|>, <|im_start|>, <|im_end|>) are their text, as `decode` writes them."""
@@ -312,7 +403,7 @@ class BatchEngine:
     ):
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise JojoError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
-        self.model = convert_for_decoding(model) if convert else model
+        self.model = convert_for_batches(convert_for_decoding(model), max_batch) if convert else model
         self.model.eval()
         self.tok = tokenizer
         self.cfg = model.config

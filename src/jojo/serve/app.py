@@ -327,14 +327,14 @@ def create_app(settings: ServeSettings, engine: BatchEngine | None = None, model
             stop_ids, param = engine.text_stop_ids, "prompt"
         if body.ignore_eos:
             stop_ids = frozenset()
-        max_prompt = settings.max_prompt_tokens or engine.block - 1
+        max_prompt = min(settings.max_prompt_tokens or engine.block, engine.block - 1)  # room for one new token
         limit = settings.max_tokens_limit or engine.block
         for ids in prompts:
-            if len(ids) > min(max_prompt, engine.block - 1):
+            if len(ids) > max_prompt:
                 raise APIError(
                     400,
-                    f"the prompt is {len(ids)} tokens; this server takes at most "
-                    f"{min(max_prompt, engine.block - 1)} (the model's context is {engine.block})",
+                    f"the prompt is {len(ids)} tokens; this server takes at most {max_prompt} (the model's "
+                    f"context is {engine.block})",
                     param=param,
                     code="context_length_exceeded",
                 )
@@ -491,7 +491,12 @@ def _prometheus(state: ServerState) -> str:
             [(f'{{reason="{k}"}}', v) for k, v in s["requests_finished"].items()],
         )
         metric("prompt_tokens_total", "counter", "prompt tokens prefilled", [("", s["prompt_tokens_total"])])
-        metric("generated_tokens_total", "counter", "tokens generated", [("", s["generated_tokens_total"])])
+        metric(
+            "generated_tokens_total",
+            "counter",
+            "tokens sampled (stop tokens included)",
+            [("", s["generated_tokens_total"])],
+        )
         metric("queue_depth", "gauge", "requests waiting for a row", [("", s["queue_depth"])])
         metric("running_requests", "gauge", "requests holding a row (decoding or prefilling)", [("", s["running"])])
         metric("max_batch", "gauge", "rows of the batch", [("", s["max_batch"])])
