@@ -167,9 +167,10 @@ class _Waker:
             self._pending = False
         self.event.set()
 
-    async def wait(self, timeout: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.event.wait(), timeout)
+    async def wait(self) -> None:
+        # No timeout needed: the engine notifies every request when it ends (cancelled and failed ones too), and a
+        # disconnect sets the event. (asyncio.wait_for would cost a task and a timer per token.)
+        await self.event.wait()
         self.event.clear()  # before the caller takes the text: a later push sets it again
 
 
@@ -376,7 +377,7 @@ def create_app(settings: ServeSettings, engine: BatchEngine | None = None, model
         watcher = asyncio.create_task(_watch_disconnect(request, engine, reqs, waker))
         try:
             while not all(r.done for r in reqs):
-                await waker.wait(1.0)
+                await waker.wait()
         finally:
             watcher.cancel()
             for r in reqs:
@@ -438,7 +439,7 @@ async def _stream(
                 yield chunk(i, None, None, first=True)
         open_ = set(range(len(reqs)))
         while open_:
-            await waker.wait(1.0)
+            await waker.wait()
             for i in sorted(open_):
                 r = reqs[i]
                 done = r.done  # read before take: once done, every piece is in the buffer
