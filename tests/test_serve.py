@@ -384,6 +384,28 @@ def test_full_queue_answers_429(ckpt):
         r.completions.create(model=MODEL, prompt="x")
 
 
+def test_streams_are_paced_into_fewer_larger_chunks(ckpt):
+    model, tok, _ = load_checkpoint(ckpt)
+    engine = BatchEngine(model, tok, max_batch=2).start()
+    engine.model = SlowModel(engine.model, 0.004)
+    body = {"prompt": "Once", "max_tokens": 40, "temperature": 0, "ignore_eos": True, "stream": True}
+
+    async def chunks(interval: float) -> list[str]:
+        app = create_app(ServeSettings(stream_interval=interval), engine=engine, model_id=MODEL)
+        async with _asgi_client(app) as ac:
+            r = await ac.post("/v1/completions", json=body)
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        return [e["choices"][0]["text"] for e in events if e["choices"] and e["choices"][0]["text"]]
+
+    try:
+        every = asyncio.run(chunks(0.0))
+        paced = asyncio.run(chunks(0.05))
+    finally:
+        engine.close()
+    assert "".join(paced) == "".join(every)
+    assert len(every) >= 30 and len(paced) <= len(every) // 3
+
+
 def test_cors_is_off_unless_an_origin_is_given(ckpt):
     model, tok, _ = load_checkpoint(ckpt)
     engine = BatchEngine(model, tok, max_batch=1)

@@ -72,6 +72,9 @@ def _add_serve_commands(sub) -> None:
     sv.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     sv.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
     sv.add_argument("--model-name", default=None, help="the model id clients send (default: the run's name)")
+    sv.add_argument(
+        "--stream-interval", type=float, default=0.02, help="seconds between two chunks of a stream (0: every token)"
+    )
     sv.add_argument("--device", default="auto")
 
 

@@ -304,6 +304,7 @@ def cmd_serve(args) -> None:
         cors_origins=tuple(args.cors_origin),
         device=args.device,
         model_name=args.model_name,
+        stream_interval=args.stream_interval,
     )
     serve(settings)
 

@@ -208,6 +208,10 @@ class Request:
     def cancelled(self) -> bool:
         return self._cancelled
 
+    def has_news(self) -> bool:
+        """Text not yet taken, or the end."""
+        return bool(self._pieces) or self.finish_reason is not None
+
     def take(self) -> str:
         """The text emitted since the last take (non-blocking)."""
         with self._cond:
