@@ -102,6 +102,29 @@ def _add_eval_commands(sub) -> None:
     ev.add_argument("--out", help="`jojo eval download`: the folder to write (default: the --data-dir default)")
 
 
+def _add_serve_commands(sub) -> None:
+    """`jojo serve` (jojo.serve): the OpenAI-compatible API and the chat page."""
+    sv = sub.add_parser(
+        "serve",
+        help="serve a checkpoint: an OpenAI-compatible API (/v1) and a chat page (/), with continuous batching",
+        description="POST /v1/chat/completions and /v1/completions (streaming or not), GET /v1/models, /health, "
+        "/metrics, and the chat page at /. Listens on 127.0.0.1 unless --host says otherwise.",
+    )
+    sv.add_argument("checkpoint", help="checkpoint directory or run directory")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $JOJO_API_KEY)")
+    sv.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row before 429")
+    sv.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    sv.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
+    sv.add_argument("--model-name", default=None, help="the model id clients send (default: the run's name)")
+    sv.add_argument(
+        "--stream-interval", type=float, default=0.02, help="seconds between two chunks of a stream (0: every token)"
+    )
+    sv.add_argument("--device", default="auto")
+
+
 def _config_help(preset: str) -> str:
     from jojo.config import config_help
 
@@ -275,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_commands(sub)
     _add_export_commands(sub)
     _add_eval_commands(sub)
+    _add_serve_commands(sub)
     return parser
 
 

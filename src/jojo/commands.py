@@ -336,6 +336,33 @@ def cmd_eval(args) -> None:
         print(f"report -> {args.output}")
 
 
+def cmd_serve(args) -> None:
+    from jojo.checkpoint import resolve_checkpoint
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise JojoError("jojo serve needs FastAPI and uvicorn: pip install -e '.[serve]' (or setup.sh --dev)") from None
+    from jojo.serve.app import ServeSettings, serve
+
+    resolve_checkpoint(args.checkpoint)  # a wrong path fails here, before the server starts
+    settings = ServeSettings(
+        checkpoint=args.checkpoint,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("JOJO_API_KEY") or None,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        threads=args.threads,
+        cors_origins=tuple(args.cors_origin),
+        device=args.device,
+        model_name=args.model_name,
+        stream_interval=args.stream_interval,
+    )
+    serve(settings)
+
+
 def dispatch(args, rest: list[str]) -> int | None:
     if args.command == "tokenizer":
         return cmd_tokenizer_eval(args) if args.tokenizer_command == "eval" else cmd_tokenizer_train(args)
@@ -353,5 +380,6 @@ def dispatch(args, rest: list[str]) -> int | None:
         "import": cmd_import,
         "upload": cmd_upload,
         "eval": cmd_eval,
+        "serve": cmd_serve,
     }
     return handlers[args.command](args)
