@@ -157,3 +157,36 @@ def test_help_lists_every_config_field(capsys):
 def test_sampling_config_is_checked():
     with pytest.raises(JojoError, match="top-p"):
         SamplingConfig(top_p=0)
+
+
+def test_generate_prompt_file_batch_interactive_and_nonstop(random_run, tmp_path, capsys, monkeypatch):
+    lm = jojo.LM.load(random_run, device="cpu")
+    prompts = ["Once upon a time", "The dog", "What colour"]
+    (tmp_path / "p.txt").write_text("Once upon a time\nThe dog\n\nWhat colour\n")
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    singles = [lm.generate(p, max_tokens=12, temperature=0) for p in prompts]
+    for name in ("p.txt", "p.jsonl"):
+        out = tmp_path / f"{name}.results.jsonl"
+        args = ["generate", str(random_run), "--prompt-file", str(tmp_path / name), "--output", str(out),
+                "--max-tokens", "12", "--temperature", "0", "--device", "cpu"]  # fmt: skip
+        assert cli.main(args) == 0
+        rows = [json.loads(x) for x in out.read_text().splitlines()]
+        assert [r["prompt"] for r in rows] == prompts and [r["completion"] for r in rows] == singles
+        assert all(r["finish_reason"] in ("stop", "length") and r["tokens"] <= 12 for r in rows)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\nnot json\n')
+    assert cli.main(["generate", str(random_run), "--prompt-file", str(tmp_path / "bad.jsonl")]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    # --nonstop decodes past the context (64 tokens here) by sliding the window
+    gen = jojo.LM.load(random_run, device="cpu").generator
+    gen.text_stops = set()  # no stop id: only the budget ends it
+    ids = gen.prompt_ids("The cat")
+    sc = SamplingConfig(max_tokens=150, temperature=0)
+    plain = list(gen.stream_ids(ids, sc))
+    longer = list(gen.stream_ids(ids, sc, nonstop=True))
+    assert len(plain) == 64 - len(ids) and len(longer) == 150 and longer[: len(plain)] == plain
+    # --interactive: each line typed is continued
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Once upon a time\n/quit\n"))
+    assert cli.main(["generate", str(random_run), "--interactive", "--max-tokens", "12", "--temperature", "0"]) == 0
+    assert singles[0] in capsys.readouterr().out

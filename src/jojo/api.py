@@ -67,6 +67,8 @@ class LM:
     def __init__(self, model, tokenizer, state: dict | None = None):
         self.model, self.tokenizer, self.state = model, tokenizer, state or {}
         self.generator = TextGenerator(model, tokenizer)
+        self.fast = False
+        self._engine = None
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", fast: bool = True) -> LM:
@@ -76,6 +78,7 @@ class LM:
         if fast:
             convert_for_decoding(model)
         lm = cls(model, tok, state)
+        lm.fast = fast
         lm.path = resolve_checkpoint(path)
         return lm
 
@@ -91,9 +94,11 @@ class LM:
     def _sampling(max_tokens=200, temperature=0.8, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None):
         return SamplingConfig(max_tokens, temperature, top_k, top_p, repetition_penalty, seed)
 
-    def stream(self, prompt: str, *, stop: list[str] | None = None, **sampling) -> Iterator[str]:
-        """Text pieces of the continuation of `prompt` as they are decoded. Sampling options as `generate`."""
-        return self.generator.stream(self.generator.prompt_ids(prompt), self._sampling(**sampling), stop or ())
+    def stream(self, prompt: str, *, stop: list[str] | None = None, nonstop: bool = False, **sampling) -> Iterator[str]:
+        """Text pieces of the continuation of `prompt` as they are decoded. Sampling options as `generate`;
+        `nonstop` keeps going past the context (the oldest half is dropped when it is full)."""
+        ids = self.generator.prompt_ids(prompt)
+        return self.generator.stream(ids, self._sampling(**sampling), stop or (), nonstop=nonstop)
 
     def generate(self, prompt: str | list[str], *, stop: list[str] | None = None, **sampling) -> str | list[str]:
         """The continuation of `prompt` (a list of prompts -> a list of continuations, in order).
@@ -103,7 +108,33 @@ class LM:
         <|endoftext|> and at the context length."""
         if isinstance(prompt, str):
             return "".join(self.stream(prompt, stop=stop, **sampling))
-        return ["".join(self.stream(p, stop=stop, **sampling)) for p in prompt]
+        return [r.text for r in self.generate_batch(prompt, stop=stop, **sampling)]
+
+    def generate_batch(self, prompts: list[str], *, stop: list[str] | None = None, **sampling) -> list:
+        """Every prompt through the batched engine (`jojo.infer.batch`, continuous batching): `Result`s in input
+        order, each with `.text`, `.finish_reason` (stop | length), `.token_ids` and `.record()` (the line
+        `jojo generate --prompt-file` writes). At temperature 0 each equals its single `generate`."""
+        sc = self._sampling(**sampling)
+        ids = [self.generator.prompt_ids(p) for p in prompts]
+        for p, i in zip(prompts, ids):
+            if len(i) >= self.config.block_size:
+                raise JojoError(
+                    f"the prompt {p[:40]!r}... is {len(i)} tokens but the model's context is {self.config.block_size}"
+                    "; shorten it"
+                )
+        results = self.engine.generate_many(ids, sc, stop=stop or ())
+        for p, r in zip(prompts, results):
+            r.prompt = p
+        return results
+
+    @property
+    def engine(self):
+        """The batched engine over this model (made on first use)."""
+        if self._engine is None:
+            from jojo.infer.batch import BatchEngine
+
+            self._engine = BatchEngine(self.model, self.tokenizer, max_batch=8, convert=self.fast)
+        return self._engine
 
     def chat(self, messages: list[dict], *, stream: bool = False, stop: list[str] | None = None, **sampling):
         """The assistant's reply to a conversation ([{"role": "system" | "user" | "assistant", "content"}]),

@@ -276,11 +276,17 @@ def _add_inference_commands(sub) -> None:
     ge = sub.add_parser("generate", help="sample text from a checkpoint")
     ge.add_argument("checkpoint", help="checkpoint directory or run directory")
     src = ge.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default=None)
-    src.add_argument("--prompt-file")
+    src.add_argument("--prompt", default=None, help="the text to continue (default: a fresh document)")
+    src.add_argument(
+        "--prompt-file",
+        help='batch: prompts.txt (one per line) or prompts.jsonl ({"prompt": ...} per line), all through the '
+        "batched engine; writes {prompt, completion, tokens, finish_reason} per line to --output (or stdout)",
+    )
+    src.add_argument("--interactive", action="store_true", help="a prompt loop: each line typed is continued")
     ge.add_argument("--num-samples", type=int, default=1)
-    ge.add_argument("--output", help="also write the samples to this file")
+    ge.add_argument("--output", help="write the samples (with --prompt-file: results.jsonl) to this file")
     ge.add_argument("--no-stream", action="store_true", help="print each sample when done instead of streaming")
+    ge.add_argument("--nonstop", action="store_true", help="keep generating past the context (a sliding window)")
     _add_sampling_flags(ge)
 
     pl = sub.add_parser("plot", help="redraw a run's loss curve (loss.png) from its metrics.jsonl")

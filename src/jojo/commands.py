@@ -205,50 +205,101 @@ def cmd_chat(args) -> None:
     chat_repl(lm.model, lm.tokenizer, sc, system=args.system, label=label)
 
 
+def read_prompts(path: str | Path) -> list[str]:
+    """prompts.txt: one prompt per non-empty line; prompts.jsonl: {"prompt": ...} (or a JSON string) per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise JojoError(f"prompt file not found: {path}")
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix in (".jsonl", ".json"):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise JojoError(f'{path}:{n}: not valid JSON ({exc.msg}); one {{"prompt": ...}} per line') from None
+            obj = obj.get("prompt") if isinstance(obj, dict) else obj
+            if not isinstance(obj, str):
+                raise JojoError(f'{path}:{n}: expected {{"prompt": "..."}} or a JSON string')
+            prompts.append(obj)
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise JojoError(f"{path} holds no prompts")
+    return prompts
+
+
 def cmd_generate(args) -> None:
     from jojo.api import LM
     from jojo.infer.engine import SamplingConfig
 
-    SamplingConfig(**_sampling(args))  # checked before the model loads
+    sc = SamplingConfig(**_sampling(args))  # checked before the model loads
     if args.num_samples < 1:
         raise JojoError("--num-samples must be >= 1")
-    if args.prompt_file:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise JojoError(f"prompt file not found: {path}")
-        prompt = path.read_text(encoding="utf-8")
-    else:
-        prompt = args.prompt if args.prompt is not None else ""
+    prompts = read_prompts(args.prompt_file) if args.prompt_file else None
     lm = LM.load(args.checkpoint, args.device)
+    if prompts is not None:
+        records = [r.record() for r in lm.generate_batch(prompts, **_sampling(args))]
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        if args.output:
+            ensure_dir(Path(args.output).parent)
+            Path(args.output).write_text(lines, encoding="utf-8")
+            print(f"{len(records)} completions -> {args.output}", file=sys.stderr)
+        else:
+            sys.stdout.write(lines)
+        return
+    if args.interactive:
+        return _generate_interactive(lm, sc, args)
+    generator = lm.generator.generator(args.seed)  # one random stream over all the samples of a run
+    samples = [_generate_one(lm, args.prompt or "", sc, args, i, generator) for i in range(args.num_samples)]
+    if args.output:
+        sep = "\n\n" + "-" * 40 + "\n\n"
+        ensure_dir(Path(args.output).parent)
+        Path(args.output).write_text(sep.join(samples) + "\n", encoding="utf-8")
+        print(f"samples -> {args.output}", file=sys.stderr)
+
+
+def _generate_one(lm, prompt: str, sc, args, i: int, generator=None) -> str:
     gen = lm.generator
     ids = gen.prompt_ids(prompt)
     if len(ids) >= lm.config.block_size:
         raise JojoError(
             f"the prompt is {len(ids)} tokens but the model's context is {lm.config.block_size}; shorten the prompt"
         )
-    sc = SamplingConfig(**_sampling(args))
-    generator = gen.generator(args.seed)  # one random stream over all the samples
-    samples = []
-    for i in range(args.num_samples):
-        if args.num_samples > 1:
-            print(f"--- sample {i + 1} ---", flush=True)
+    if args.num_samples > 1:
+        print(f"--- sample {i + 1} ---", flush=True)
+    if not args.no_stream:
+        print(prompt, end="", flush=True)
+    pieces = []
+    for piece in gen.stream(ids, sc, generator=generator, nonstop=args.nonstop):
+        pieces.append(piece)
         if not args.no_stream:
-            print(prompt, end="", flush=True)
-        pieces = []
-        for piece in gen.stream(ids, sc, generator=generator):
-            pieces.append(piece)
-            if not args.no_stream:
-                print(piece, end="", flush=True)
-        text = prompt + "".join(pieces)
-        if args.no_stream:
-            print(text, end="")
-        print(flush=True)
-        samples.append(text)
-    if args.output:
-        sep = "\n\n" + "-" * 40 + "\n\n"
-        ensure_dir(Path(args.output).parent)
-        Path(args.output).write_text(sep.join(samples) + "\n", encoding="utf-8")
-        print(f"samples -> {args.output}", file=sys.stderr)
+            print(piece, end="", flush=True)
+    text = prompt + "".join(pieces)
+    if args.no_stream:
+        print(text, end="")
+    print(flush=True)
+    return text
+
+
+def _generate_interactive(lm, sc, args) -> None:
+    """A prompt loop: each line typed is continued (Ctrl+D or /quit ends it; Ctrl+C stops one answer)."""
+    print("jojo generate: type a prompt, Enter continues it; /quit or Ctrl+D ends", file=sys.stderr)
+    while True:
+        try:
+            prompt = input(">>> ")
+        except EOFError:
+            print()
+            return
+        if prompt.strip() in ("/quit", "/exit"):
+            return
+        try:
+            _generate_one(lm, prompt, sc, args, 0, lm.generator.generator(args.seed))
+        except JojoError as exc:
+            print(f"({exc})", file=sys.stderr)
+        except KeyboardInterrupt:
+            print(" [stopped]")
 
 
 def cmd_plot(args) -> None:

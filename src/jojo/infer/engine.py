@@ -7,6 +7,7 @@ the cached path gives the same tokens, and the benchmark uses it as the floor.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -184,9 +185,30 @@ class TextGenerator:
     def generator(self, seed: int | None) -> torch.Generator | None:
         return torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
 
-    def stream_ids(self, ids: list[int], sc: SamplingConfig, chat: bool = False, generator=None) -> Iterator[int]:
+    def stream_ids(
+        self, ids: list[int], sc: SamplingConfig, chat: bool = False, generator=None, nonstop: bool = False
+    ) -> Iterator[int]:
+        """Token ids of the continuation. `nonstop` goes on past the context: when it is full, the oldest half is
+        dropped and decoding continues from the newest half (re-prefilled), until max_tokens or a stop id."""
         stops = self.chat_stops if chat else self.text_stops
-        return generate_stream(self.model, ids, sc, self.vocab_limit, stops, generator=generator)
+        if not nonstop:
+            yield from generate_stream(self.model, ids, sc, self.vocab_limit, stops, generator=generator)
+            return
+        block, context, left = self.model.config.block_size, list(ids), sc.max_tokens
+        first = True
+        while left > 0:
+            window = context if first and len(context) < block else context[-(block // 2) :]
+            first = False
+            room = block - len(window)
+            n = 0
+            part = dataclasses.replace(sc, max_tokens=min(left, room))
+            for token in generate_stream(self.model, window, part, self.vocab_limit, stops, generator=generator):
+                n += 1
+                context.append(token)
+                yield token
+            left -= n
+            if n < min(part.max_tokens, room):  # a stop id ended it, not the context
+                return
 
     def stream(
         self,
@@ -196,6 +218,7 @@ class TextGenerator:
         chat: bool = False,
         generator=None,
         info: dict | None = None,
+        nonstop: bool = False,
     ) -> Iterator[str]:
         """Text pieces as they are decoded (UTF-8 sequences and stop-string prefixes held back until whole).
         `info`, when given, receives the token count and finish reason (stop | length) at the end."""
@@ -203,8 +226,8 @@ class TextGenerator:
         if generator is None:
             generator = self.generator(sc.seed)
         reason = "length"
-        budget = min(sc.max_tokens, self.model.config.block_size - len(ids))
-        for token in self.stream_ids(ids, sc, chat, generator):
+        budget = sc.max_tokens if nonstop else min(sc.max_tokens, self.model.config.block_size - len(ids))
+        for token in self.stream_ids(ids, sc, chat, generator, nonstop):
             out = matcher.push(streamer.push(token))
             if out:
                 yield out
