@@ -122,3 +122,17 @@ def test_dry_run_of_a_preset_needs_no_dataset(capsys):
     out = capsys.readouterr().out
     assert "parameters: 124,475,904" in out and "FLOPs per token" in out and "memory per process" in out
     assert "no --dataset given" in out
+
+
+def test_eval_tasks_during_training(prepared, tmp_path, shared_data):
+    """--eval-tasks runs zero-shot tasks at each evaluation: metrics.jsonl, and the plot's second panel."""
+    tree = config_tree(prepared, tmp_path / "run", schedule={"max_steps": 4},
+                       logging={"eval_interval": 2, "eval_tasks": "hellaswag,piqa", "eval_limit": 8,
+                                "eval_data_dir": str(shared_data / "eval")})  # fmt: skip
+    jojo.pretrain(tree, quiet=True)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["event"] == "eval"]
+    assert len(evals) == 2 and all(0 <= r["hellaswag/acc_norm"] <= 1 and "piqa/acc" in r for r in evals)
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+    with pytest.raises(JojoError, match="hellaswg|did you mean"):  # a typo fails before training
+        jojo.pretrain(config_tree(prepared, tmp_path / "r2", logging={"eval_tasks": "hellaswg"}), quiet=True)

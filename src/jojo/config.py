@@ -212,12 +212,15 @@ class LoggingConfig:
     wandb: bool = opt(False, "log to Weights & Biases (pip install wandb; WANDB_MODE=offline works offline)")
     wandb_project: str = opt("jojo", "the W&B project")
     sample_tokens: int = opt(48, "tokens of the text sample at each evaluation (tensorboard/wandb); 0 = none")
+    eval_tasks: str = opt("", "zero-shot tasks run at each evaluation (hellaswag,arc-easy,...; jojo eval's data)")
+    eval_limit: int = opt(500, "items of each --eval-tasks task per evaluation; 0 = all")
+    eval_data_dir: str = opt("", "folder of the task data (default $JOJO_EVAL_DIR or ~/.cache/jojo/eval)")
 
     def __post_init__(self) -> None:
         for key in ("log_interval", "eval_interval"):
             _check_positive(f"logging.{key}", getattr(self, key))
         _check_positive("logging.keep_last", self.keep_last)
-        for key in ("patience", "checkpoint_interval", "eval_iters", "sample_tokens"):
+        for key in ("patience", "checkpoint_interval", "eval_iters", "sample_tokens", "eval_limit"):
             _check_positive(f"logging.{key}", getattr(self, key), allow_zero=True)
         _check_positive("logging.checkpoint_minutes", self.checkpoint_minutes, allow_zero=True)
 
@@ -293,6 +296,8 @@ FLAT_FLAGS = {
     "val-fraction": "data.val_fraction",
     "embedded-chats": "data.embedded_chats",
     "force": "system.force",
+    "eval-tasks": "logging.eval_tasks",
+    "eval-limit": "logging.eval_limit",
 }
 
 

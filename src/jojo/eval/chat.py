@@ -27,7 +27,7 @@ from pathlib import Path
 
 from jojo.data.messages import messages_from_record
 from jojo.errors import JojoError
-from jojo.infer.engine import SamplingConfig, generate
+from jojo.infer.engine import SamplingConfig, TextGenerator
 from jojo.tokenizer import Tokenizer, encode_chat
 
 
@@ -98,8 +98,7 @@ def answer(model, tok: Tokenizer, messages: list[dict], max_tokens: int = 64) ->
     if len(prompt) >= block:
         prompt = prompt[-(block - 1) :]  # keep the end: the question and the assistant header
     sc = SamplingConfig(max_tokens=max_tokens, temperature=0.0)
-    ids = generate(model, prompt, sc, tok.vocab_size, stop_ids={tok.im_end_id, tok.eot_id})
-    return tok.decode(ids).strip()
+    return TextGenerator(model, tok).text(prompt, sc, chat=True).strip()
 
 
 def chat_exact_match(model, tokenizer: Tokenizer, items, *, max_tokens: int = 64, limit: int = 0) -> dict:

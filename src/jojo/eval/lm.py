@@ -246,7 +246,7 @@ def evaluate_split(
     info = meta["splits"][split]
     T = model.config.block_size
     if stride is None:
-        source = BatchLoader(data_dir, split, batch_size=batch_size, block_size=T, shuffle=False)
+        source = BatchLoader(data_dir, split, batch_size=batch_size, block_size=T, shuffle=False, evaluation=True)
     else:
         source = TokenWindows(TokenSplit(data_dir, split).shards, T, batch_size, stride)
     device = device or _device_of(model)

@@ -205,6 +205,11 @@ def fit(
 def start_run(cfg: TrainConfig, model: GPT, tokenizer, train_source, val_source, rt: Runtime, **extra) -> Run:
     """Seed, wrap the model for training (compile, DDP/FSDP2), build the optimizer and size the run."""
     seed_everything(cfg.system.seed + rt.rank)
+    if cfg.logging.eval_tasks:  # a typo or missing task data fails now, not at the first evaluation
+        from jojo.eval.tasks import load_items, split_names
+
+        for name in split_names(cfg.logging.eval_tasks):
+            load_items(name, cfg.logging.eval_data_dir or None, limit=1)
     if rt.fsdp and cfg.optimizer.name == "muon":
         raise JojoError("optimizer.name=muon does not work with --system.fsdp (it needs whole matrices); use adamw")
     # Wrap first: FSDP2 turns the parameters into sharded DTensors, and the optimizer must hold those.
@@ -357,8 +362,9 @@ def evaluate_and_save(run: Run) -> bool:
     log, rt = run.cfg.logging, run.rt
     run.val_loss, _ = evaluate_loss(run.model, run.val_source, rt.device, rt.dtype, log.eval_iters)
     run.val_bpb = run.val_loss / LN2 / run.bytes_per_token if run.bytes_per_token else None
+    tasks = _task_metrics(run) if log.eval_tasks else {}  # every rank: under FSDP a forward is collective
     if run.monitor:
-        row = {"val_loss": run.val_loss, "val_bpb": run.val_bpb}
+        row = {"val_loss": run.val_loss, "val_bpb": run.val_bpb, **tasks}
         if run.entropy_floor_bpb and run.bytes_per_token:
             row["entropy_floor_bpb"] = run.entropy_floor_bpb
             row["entropy_floor_loss"] = run.entropy_floor_bpb * LN2 * run.bytes_per_token
@@ -373,6 +379,17 @@ def evaluate_and_save(run: Run) -> bool:
         run.monitor.plot()
     # every rank computes the same val loss, so all stop together
     return bool(log.patience and run.evals_without_gain >= log.patience)
+
+
+def _task_metrics(run: Run) -> dict[str, float]:
+    """`logging.eval_tasks` (zero-shot benchmarks, `jojo.eval.tasks`) on the model as it is: {"hellaswag/acc": ...}."""
+    from jojo.eval.tasks import flat_metrics, run_tasks
+
+    log = run.cfg.logging
+    tasks = [t.strip() for t in log.eval_tasks.split(",") if t.strip()]
+    results = run_tasks(run.model, run.tokenizer, tasks, data_dir=log.eval_data_dir or None, limit=log.eval_limit,
+                        device=run.rt.device)  # fmt: skip
+    return {k: v for k, v in flat_metrics(results).items() if not k.endswith("_stderr")}
 
 
 def save(run: Run, val_loss: float | None, is_best: bool) -> None:

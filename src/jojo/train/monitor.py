@@ -51,7 +51,19 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     val = [(r["step"], r["val_loss"]) for r in rows if r.get("event") == "eval"]
     if not train and not val:
         raise JojoError(f"{run_dir / METRICS_FILE} holds no losses yet; train first")
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    evals = [r for r in rows if r.get("event") == "eval"]
+    task_keys = sorted({k for r in evals for k in r if "/" in k and isinstance(r[k], (int, float))})
+    if task_keys:  # zero-shot task metrics (--eval-tasks) in a second panel beside the losses
+        fig, (ax, ax_tasks) = plt.subplots(1, 2, figsize=(12, 4), dpi=110)
+        for key in task_keys:
+            points = [(r["step"], r[key]) for r in evals if key in r]
+            ax_tasks.plot(*zip(*points), label=key, marker="o", markersize=3, linewidth=1.2)
+        ax_tasks.set_xlabel("step")
+        ax_tasks.set_ylabel("task metric")
+        ax_tasks.grid(alpha=0.3)
+        ax_tasks.legend(fontsize=7)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
         ax.plot(*zip(*train), label="train", linewidth=1.2)
     if val:
