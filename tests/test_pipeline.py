@@ -21,3 +21,11 @@ def test_quickstart_small_scale_writes_the_report(tmp_path):
     assert report["params"] == saved["params"] > 0
     model, _, state = load_checkpoint(out / "sft")  # the chat model is a plain checkpoint with its SFT record
     assert state["sft"]["init_from"].endswith("model") and model.config.block_size == 256
+    # the report and `jojo eval` are the same code: they cannot disagree
+    from jojo.cli import main
+
+    args = ["eval", str(out / "model"), "--tasks", "lm", "--data", str(out / "data"), "--split", "val",
+            "--max-batches", "0", "--batch-size", "8", "--output", str(tmp_path / "eval.json"), "--device", "cpu"]  # fmt: skip
+    assert main(args) == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert round(evaluated["lm"]["bpb"], 4) == saved["val_bpb"], evaluated["lm"]

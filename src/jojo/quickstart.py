@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -27,7 +28,9 @@ from jojo.data.loader import BatchLoader
 from jojo.data.prepare import prepare_records
 from jojo.data.synthetic import generate_corpus, heldout_questions, write_documents
 from jojo.errors import JojoError, ensure_dir
-from jojo.eval.lm import LN2, evaluate_loss
+from jojo.eval.chat import chat_exact_match
+from jojo.eval.lm import evaluate_split
+from jojo.eval.tasks import run_tasks
 from jojo.infer.engine import SamplingConfig
 from jojo.tokenizer import train_tokenizer
 
@@ -43,15 +46,6 @@ N_QUESTIONS = 100
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
-
-
-def chat_exact_match(lm: LM, questions) -> tuple[float, list[dict]]:
-    """Greedy answers to held-out questions, each compared whole with the expected answer."""
-    rows = []
-    for qa in questions:
-        got = lm.chat([{"role": "user", "content": qa.question}], max_tokens=48, temperature=0).strip()
-        rows.append({"question": qa.question, "expected": qa.answer, "answer": got, "ok": got == qa.answer})
-    return sum(r["ok"] for r in rows) / max(len(rows), 1), rows
 
 
 def sample_stories(lm: LM, n: int = 3, seed: int = 0, max_tokens: int = 160) -> list[str]:
@@ -75,6 +69,7 @@ def unigram_entropy_nats(data_dir: Path) -> float:
 def run_quickstart(
     out: str = "runs/quickstart", scale: float = 1.0, family: str = "gpt2", device: str = "auto", seed: int = 0
 ) -> dict:
+    """The whole pipeline (see the module docstring); returns the report it prints and writes."""
     if scale <= 0:
         raise JojoError("--scale must be > 0")
     t0 = time.time()
@@ -82,26 +77,67 @@ def run_quickstart(
     if (out_dir / "model" / "latest").exists():
         raise JojoError(f"{out_dir} already holds a quickstart run; pass another --out or delete it")
     ensure_dir(out_dir)
+    tok, meta = _make_data(out_dir, scale, seed)
+    result = _pretrain(out_dir, scale, family, device, seed)
+    report = {**_evaluate_base(out_dir, device, seed), **_report_training(result, out_dir)}
+    questions = heldout_questions(N_QUESTIONS, seed=12345 + seed)
+    base = LM.load(out_dir / "model", device)
+    report["chat_exact_match_base"] = chat_exact_match(base.model, base.tokenizer, questions, max_tokens=48)[
+        "exact_match"
+    ]
+    _say(f"      val {report['val_bpb']:.4f} bits/byte; held-out chat questions, base model: "
+         f"{100 * report['chat_exact_match_base']:.0f}% exact")  # fmt: skip
+    sft = _finetune(out_dir, scale, device, seed)
+    _say("[7/7] answering the held-out chat questions with the fine-tuned model")
+    chat = LM.load(out_dir / "sft", device)
+    qa = chat_exact_match(chat.model, chat.tokenizer, questions, max_tokens=48)
+    report.update(
+        chat_exact_match=qa["exact_match"],
+        chat_exact_match_by_kind={k: round(v, 3) for k, v in qa["by_kind"].items()},
+        chat_questions=qa["n"],
+        sft_steps=sft.fit.step,
+        sft_seconds=round(sft.fit.wall_seconds, 1),
+        sft_conversations=len(sft.data.train),
+        sft_trained_fraction=round(sft.stats["trained_fraction"], 4),
+        sft_val_loss=round(sft.fit.val_loss, 4) if sft.fit.val_loss is not None else None,
+        chat_answers=[{k: r[k] for k in ("question", "expected", "answer", "ok")} for r in qa["rows"][:10]],
+        chat_misses=[r for r in qa["rows"] if not r["ok"]][:20],
+        checkpoint=str(out_dir / "model" / "latest"),
+        chat_checkpoint=str(out_dir / "sft" / "latest"),
+        wall_seconds=round(time.time() - t0, 1),
+    )
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print_report(report, out_dir)
+    if report["val_bpb"] < report["entropy_floor_bpb"]:  # impossible unless the entropy accounting is wrong
+        raise JojoError(
+            f"val bits-per-byte {report['val_bpb']:.4f} is below the entropy floor "
+            f"{report['entropy_floor_bpb']:.4f}: accounting bug"
+        )
+    return report
 
+
+def _make_data(out_dir: Path, scale: float, seed: int):
+    """Stages 1-3: the embedded corpus, a tokenizer trained on it, token shards with a validation split."""
     n_docs = max(int(CORPUS_DOCS * scale), MIN_DOCS)
     _say(f"[1/7] generating the embedded corpus: {n_docs:,} stories and chats (seed {seed})")
     docs = generate_corpus(n_docs, seed=seed, chat_fraction=CHAT_FRACTION)
     write_documents(out_dir / "corpus.jsonl", docs)
-
     _say(f"[2/7] training a byte-level BPE tokenizer ({VOCAB_SIZE} tokens)")
     tok = train_tokenizer((d.text for d in docs), VOCAB_SIZE)
     tok.save(out_dir / "tokenizer.json")
-
     _say("[3/7] preparing token shards")
     records = ({"text": d.text, "bits": d.bits} for d in docs)
     meta = prepare_records(records, tok, out_dir / "data", val_fraction=0.05, seed=seed, source="embedded")
     val = meta["splits"]["val"]
-    floor_bpb = val["entropy_floor_bpb"]
     _say(
         f"      train {meta['splits']['train']['tokens']:,} tokens, val {val['tokens']:,} tokens; "
-        f"val entropy floor {floor_bpb:.4f} bits/byte"
+        f"val entropy floor {val['entropy_floor_bpb']:.4f} bits/byte"
     )
+    return tok, meta
 
+
+def _pretrain(out_dir: Path, scale: float, family: str, device: str, seed: int):
+    """Stage 4: the tiny preset (or llama-tiny) on the shards."""
     preset = "tiny" if family == "gpt2" else "llama-tiny"
     overrides = {
         "data": {"dataset": str(out_dir / "data")},
@@ -114,23 +150,55 @@ def run_quickstart(
         f"[4/7] pretraining the '{preset}' preset for {cfg.schedule.max_steps} steps "
         f"({cfg.data.batch_size} x {cfg.model.block_size} tokens per step)"
     )
-    result = pretrain(preset, overrides=overrides)
+    return pretrain(preset, overrides=overrides)
 
+
+def _evaluate_base(out_dir: Path, device: str, seed: int) -> dict:
+    """Stage 5, through `jojo.eval` (what `jojo eval` reports): val bits per byte on the whole validation split
+    next to the entropy floor, a zero-shot task on the shared slice when present, and three sample stories."""
     _say("[5/7] evaluating on the whole validation split")
     lm = LM.load(out_dir / "model", device)
-    model, tok = lm.model, lm.tokenizer
-    val_src = BatchLoader(out_dir / "data", "val", 8, model.config.block_size, shuffle=False, evaluation=True)
-    val_loss, _ = evaluate_loss(model, val_src, lm.device)
-    val_bpb = val_loss / LN2 / (val["bytes"] / val["tokens"])
-    unigram = unigram_entropy_nats(out_dir / "data")
+    m = evaluate_split(lm.model, lm.tokenizer, out_dir / "data", "val", batch_size=8, max_batches=0)
+    report = {
+        "params": lm.model.num_params(),
+        "family": lm.config.family,
+        "val_loss": round(m["loss"], 4),
+        "val_bpb": round(m["bpb"], 4),
+        "entropy_floor_bpb": round(m["entropy_floor_bpb"], 4),
+        "unigram_entropy_nats": round(unigram_entropy_nats(out_dir / "data"), 4),
+        "stories": sample_stories(lm, 3, seed=seed),
+    }
+    shared = _shared_eval_dir()
+    if shared is not None:
+        hs = run_tasks(lm.model, lm.tokenizer, ["hellaswag"], data_dir=shared, limit=200)["hellaswag"]
+        report["hellaswag_acc_norm"] = round(hs["acc_norm"], 4)
+        report["hellaswag_items"] = hs["n"]
+    return report
 
-    stories = sample_stories(lm, 3, seed=seed)
-    questions = heldout_questions(N_QUESTIONS, seed=12345 + seed)
-    accuracy_base, _ = chat_exact_match(lm, questions)
-    _say(f"      val {val_bpb:.4f} bits/byte; held-out chat questions, base model: {100 * accuracy_base:.0f}% exact")
+
+def _shared_eval_dir() -> Path | None:
+    """$JOJO_EVAL_DIR, else ../shared/data/eval beside the checkout, when it holds HellaSwag."""
+    from jojo.eval.tasks import task_file, task_spec
+
+    for folder in (os.environ.get("JOJO_EVAL_DIR"), Path.cwd().parent / "shared" / "data" / "eval"):
+        if folder and Path(folder).is_dir() and task_file(task_spec("hellaswag"), Path(folder)) is not None:
+            return Path(folder)
+    return None
+
+
+def _report_training(result, out_dir: Path) -> dict:
     history = [json.loads(line) for line in (out_dir / "model" / "metrics.jsonl").read_text().splitlines()]
-    curve = [(r["step"], round(r["loss"], 4)) for r in history if r.get("event") == "train"]
+    return {
+        "steps": result.step,
+        "tokens_seen": result.tokens_seen,
+        "tokens_per_second": round(result.tokens_per_second, 1),
+        "train_seconds": round(result.wall_seconds, 1),
+        "loss_curve": [(r["step"], round(r["loss"], 4)) for r in history if r.get("event") == "train"],
+    }
 
+
+def _finetune(out_dir: Path, scale: float, device: str, seed: int):
+    """Stage 6: chat SFT on the synthetic conversations, loss on the assistant turns only."""
     n_chats = max(int(SFT_CHATS * min(scale, 1.0)), 200)
     sft_overrides = {
         "data": {"dataset": "embedded", "embedded_chats": n_chats},
@@ -138,52 +206,12 @@ def run_quickstart(
         "system": {"device": device, "seed": 1337 + seed},
         "logging": {"out_dir": str(out_dir / "sft")},
     }
-    sft_cfg = load_config("sft-tiny", sft_overrides)
+    steps = load_config("sft-tiny", sft_overrides).schedule.max_steps
     _say(
-        f"[6/7] fine-tuning for chat (SFT) for {sft_cfg.schedule.max_steps} steps on {n_chats:,} synthetic "
-        "conversations, loss on the assistant turns only"
+        f"[6/7] fine-tuning for chat (SFT) for {steps} steps on {n_chats:,} synthetic conversations, loss on the "
+        "assistant turns only"
     )
-    sft = finetune(out_dir / "model", overrides=sft_overrides, say=lambda m: _say(f"      {m}"))
-
-    _say("[7/7] answering the held-out chat questions with the fine-tuned model")
-    accuracy, qa_rows = chat_exact_match(LM.load(out_dir / "sft", device), questions)
-    by_kind: dict[str, list[bool]] = {}
-    for qa, row in zip(questions, qa_rows):
-        by_kind.setdefault(qa.kind, []).append(row["ok"])
-
-    report = {
-        "params": model.num_params(),
-        "family": model.config.family,
-        "steps": result.step,
-        "tokens_seen": result.tokens_seen,
-        "tokens_per_second": round(result.tokens_per_second, 1),
-        "train_seconds": round(result.wall_seconds, 1),
-        "val_loss": round(val_loss, 4),
-        "val_bpb": round(val_bpb, 4),
-        "entropy_floor_bpb": round(floor_bpb, 4),
-        "unigram_entropy_nats": round(unigram, 4),
-        "chat_exact_match_base": accuracy_base,
-        "chat_exact_match": accuracy,
-        "chat_exact_match_by_kind": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_kind.items())},
-        "chat_questions": len(qa_rows),
-        "sft_steps": sft.fit.step,
-        "sft_seconds": round(sft.fit.wall_seconds, 1),
-        "sft_conversations": len(sft.data.train),
-        "sft_trained_fraction": round(sft.stats["trained_fraction"], 4),
-        "sft_val_loss": round(sft.fit.val_loss, 4) if sft.fit.val_loss is not None else None,
-        "loss_curve": curve,
-        "stories": stories,
-        "chat_answers": qa_rows[:10],
-        "chat_misses": [row for row in qa_rows if not row["ok"]][:20],
-        "checkpoint": str(out_dir / "model" / "latest"),
-        "chat_checkpoint": str(out_dir / "sft" / "latest"),
-        "wall_seconds": round(time.time() - t0, 1),
-    }
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print_report(report, out_dir)
-    if val_bpb < floor_bpb:  # impossible unless the entropy accounting is wrong: say so loudly
-        raise JojoError(f"val bits-per-byte {val_bpb:.4f} is below the entropy floor {floor_bpb:.4f}: accounting bug")
-    return report
+    return finetune(out_dir / "model", overrides=sft_overrides, say=lambda m: _say(f"      {m}"))
 
 
 def _brief_curve(curve: list, points: int = 8) -> str:
@@ -206,6 +234,9 @@ def print_report(r: dict, out_dir: Path) -> None:
     print(
         f"val bpb        {r['val_bpb']:.4f} bits/byte   entropy floor {r['entropy_floor_bpb']:.4f}   (gap {gap:+.4f})"
     )
+    if "hellaswag_acc_norm" in r:
+        print(f"hellaswag      acc_norm {100 * r['hellaswag_acc_norm']:.1f}% on {r['hellaswag_items']} items "
+              "(chance 25%; a story model is not expected to know these)")  # fmt: skip
     print(line)
     for i, story in enumerate(r["stories"], 1):
         print(f"story {i}: {story.strip()}")
