@@ -25,7 +25,7 @@ def test_quickstart_small_scale_writes_the_report(tmp_path):
     from jojo.cli import main
 
     args = ["eval", str(out / "model"), "--tasks", "lm", "--data", str(out / "data"), "--split", "val",
-            "--max-batches", "0", "--batch-size", "8", "--output", str(tmp_path / "eval.json"), "--device", "cpu"]  # fmt: skip
+            "--max-batches", "0", "--batch-size", "8", "--output", str(tmp_path / "eval.json")]  # fmt: skip
     assert main(args) == 0
     evaluated = json.loads((tmp_path / "eval.json").read_text())
     assert round(evaluated["lm"]["bpb"], 4) == saved["val_bpb"], evaluated["lm"]
