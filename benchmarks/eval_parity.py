@@ -1,8 +1,10 @@
 """Parity of `jojo eval` with lm-evaluation-harness, item by item, on the same checkpoint and the same items.
 
 1. a trained checkpoint: `--ckpt`, or (default) one trained here: a byte-level BPE of 4096 tokens and the `tiny`
-   preset (gpt2, 4 layers x 128, context 256) trained for `--steps` steps on the TinyStories excerpt in
-   ../shared/data (cached in `--work`, so a second run reuses it);
+   preset (gpt2, 4 layers x 128) with a context of `--block-size` 512 tokens, trained for `--steps` steps on the
+   TinyStories excerpt in ../shared/data (cached in `--work`, so a second run reuses it); `--context N` evaluates
+   a copy whose context is cut to N tokens, so that long items are left-truncated (lm-eval's `hf` model refuses
+   a continuation longer than the context: PIQA needs a context of 333 tokens with this tokenizer);
 2. exported with `jojo.export.hf.export_hf` (a plain GPT2LMHeadModel / LlamaForCausalLM folder);
 3. lm-evaluation-harness's `hf` model on local-file task configs written here (`dataset_path: json` over the
    shared JSONL files: doc_to_text = query, doc_to_choice = choices, doc_to_target = gold, target_delimiter " ",
@@ -14,7 +16,7 @@
 Exit status 1 when any item differs.
 
     python benchmarks/eval_parity.py                            # HellaSwag (shared 1,000) and PIQA (1,838)
-    python benchmarks/eval_parity.py --limit 200 --tasks hellaswag
+    python benchmarks/eval_parity.py --tasks hellaswag --context 128     # items longer than 129 tokens truncated
     python benchmarks/eval_parity.py --ckpt runs/tiny --shared /path/to/shared/data
 """
 
@@ -31,14 +33,14 @@ TASK_FILES = {"hellaswag": "hellaswag_val_head.jsonl", "piqa": "piqa.jsonl", "ar
               "arc-challenge": "arc_challenge.jsonl"}  # fmt: skip
 
 
-def build_checkpoint(work: Path, steps: int, family: str, corpus: Path) -> Path:
+def build_checkpoint(work: Path, steps: int, family: str, corpus: Path, block_size: int) -> Path:
     """Train (once) a small model on the TinyStories excerpt; returns the run directory."""
     from jojo.config import load_config
     from jojo.data.prepare import prepare_corpus
     from jojo.data.recipes import open_source
     from jojo.train.run import run_training
 
-    run = work / f"run-{family}-{steps}"
+    run = work / f"run-{family}-{steps}-{block_size}"
     if (run / "latest").exists():
         return run
     data = work / "data"
@@ -47,7 +49,8 @@ def build_checkpoint(work: Path, steps: int, family: str, corpus: Path) -> Path:
     cfg = load_config(
         preset,
         {
-            "data": {"dataset": str(data)},
+            "model": {"block_size": block_size},
+            "data": {"dataset": str(data), "batch_size": max(1, 16 * 256 // block_size)},
             "schedule": {"max_steps": steps},
             "system": {"device": "cpu", "seed": 0},
             "logging": {"out_dir": str(run), "eval_interval": steps, "progress": False},
@@ -56,6 +59,24 @@ def build_checkpoint(work: Path, steps: int, family: str, corpus: Path) -> Path:
     result = run_training(cfg)
     print(f"trained {run}: {steps} steps, val loss {result.val_loss:.3f}, val bpb {result.val_bpb:.3f}")
     return run
+
+
+def cut_context(ckpt: Path, context: int, out: Path) -> Path:
+    """A copy of the checkpoint whose context is cut to `context` tokens (the gpt2 family drops the position
+    table's tail), so that long items are left-truncated on both sides."""
+    import dataclasses
+
+    from jojo.checkpoint import load_checkpoint, write_checkpoint
+    from jojo.model import GPT
+
+    model, tok, state = load_checkpoint(ckpt)
+    cfg = dataclasses.replace(model.config, block_size=context)
+    short = GPT(cfg)
+    weights = {k: v[:context] if k == "wpe.weight" else v for k, v in model.state_dict().items()}
+    short.load_state_dict(weights, strict=False)
+    if cfg.tie_embeddings:
+        short.lm_head.weight = short.wte.weight
+    return write_checkpoint(out, int(state.get("step", 0)), short, tok, {})
 
 
 def task_yaml(name: str, path: Path) -> str:
@@ -94,6 +115,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/jojo-eval-parity", help="folder for the trained run, export, configs")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--family", choices=["gpt2", "llama"], default="gpt2")
+    ap.add_argument("--block-size", type=int, default=512, help="context of the model trained here")
+    ap.add_argument("--context", type=int, help="evaluate with the context cut to N tokens (exercises truncation)")
     ap.add_argument("--tasks", default="hellaswag,piqa")
     ap.add_argument("--limit", type=int, default=0, help="first N items of each task (0 = all)")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -115,9 +138,12 @@ def main() -> None:
     torch.manual_seed(0)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    run = Path(args.ckpt) if args.ckpt else build_checkpoint(work, args.steps, args.family, shared / "tinystories"
-                                                             / "tinystories_train_head.txt")  # fmt: skip
+    stories = shared / "tinystories" / "tinystories_train_head.txt"
+    run = Path(args.ckpt) if args.ckpt else build_checkpoint(work, args.steps, args.family, stories, args.block_size)
     ckpt = resolve_checkpoint(run)
+    if args.context:
+        cut = work / f"{ckpt.parent.name}-context-{args.context}"
+        ckpt = resolve_checkpoint(cut) if (cut / "latest").exists() else cut_context(ckpt, args.context, cut)
     hf_dir = work / f"hf-{ckpt.parent.name}-{ckpt.name}"
     if not hf_dir.exists():
         export_hf(ckpt, hf_dir)
@@ -170,13 +196,14 @@ def main() -> None:
         agg_same = (res["acc,none"] == ours[name]["acc"]) and (res["acc_norm,none"] == ours[name]["acc_norm"])
         failed |= bool(diff_acc or diff_norm or not agg_same)
         rows.append(
-            f"| {name} | {len(mine):,} | {res['acc,none']:.4f} / {ours[name]['acc']:.4f} | "
+            f"| {name} | {len(mine):,} | {ours[name]['truncated']} | {res['acc,none']:.4f} / {ours[name]['acc']:.4f} | "
             f"{res['acc_norm,none']:.4f} / {ours[name]['acc_norm']:.4f} | {diff_acc} | {diff_norm} | {max_ll:.2e} |"
         )
     print()
-    print("| task | items | acc: lm-eval hf / jojo | acc_norm: lm-eval hf / jojo | items whose acc choice differs | "
-          "items whose acc_norm choice differs | max abs log-likelihood difference |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"context {model.config.block_size} tokens")
+    print("| task | items | requests truncated | acc: lm-eval hf / jojo | acc_norm: lm-eval hf / jojo | items whose "
+          "acc choice differs | items whose acc_norm choice differs | max abs log-likelihood difference |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     print(f"\nwall: lm-eval hf {t_theirs:.1f} s, jojo {t_ours:.1f} s (one pass each, including tokenization)")
     print("PARITY: FAILED" if failed else "PARITY: every item and aggregate identical")

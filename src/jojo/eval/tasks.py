@@ -307,11 +307,12 @@ def score_requests(
         rows = 0
         for ctx in order + [None]:
             n = len(groups[ctx]) if ctx is not None else 0
-            # contexts come longest first: the batch's first is its longest, (len(batch) + 1) x that bounds its prefill
-            full = batch and (
-                rows + n > batch_size * PREFILL_CHUNKS or (len(batch) + 1) * len(batch[0]) > PREFILL_TOKENS
-            )
-            if batch and (ctx is None or full):
+            if batch and (
+                ctx is None
+                or rows + n > batch_size * PREFILL_CHUNKS
+                or (len(batch) + 1) * len(batch[0]) > PREFILL_TOKENS  # longest first: this bounds the prefill
+                or len(batch[0]) - len(ctx) > max(2, len(batch[0]) // 8)  # bounds the tails recomputed per row
+            ):
                 _score_batch(model, batch, groups, prepared, results, device, dtype, batch_size)
                 if bar:
                     bar.update(rows)
@@ -367,10 +368,14 @@ def _score_batch(model, contexts, groups, prepared, results, device, dtype, chun
     vocab = model.config.vocab_size
     start = 0
     while start < len(rows):
-        end = min(start + chunk_rows, len(rows))
-        # bound the chunk's output-layer values: its scored tokens x vocab
-        while end - start > 1 and sum(len(prepared[i][1]) for i, _, _ in rows[start:end]) * vocab > LOGITS_BUDGET:
-            end -= 1
+        # rows come longest first: a chunk ends at chunk_rows rows, at a row much shorter than its first (padding),
+        # or when its scored tokens x vocab would pass LOGITS_BUDGET
+        width, end, scored = len(rows[start][2]), start, 0
+        while end < len(rows) and end - start < chunk_rows:
+            scored += len(prepared[rows[end][0]][1])
+            if end > start and (4 * len(rows[end][2]) < 3 * width or scored * vocab > LOGITS_BUDGET):
+                break
+            end += 1
         _score_chunk(model, rows[start:end], contexts, m, first, prepared, results, device, dtype, cache_dtype)
         start = end
 
