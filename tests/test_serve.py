@@ -423,6 +423,41 @@ def test_cors_is_off_unless_an_origin_is_given(ckpt):
     assert opened.headers["access-control-allow-origin"] == "http://example.com"
 
 
+def test_jojo_serve_command_end_to_end(ckpt):
+    """`jojo serve CKPT --port P` in a child process, the key from JOJO_API_KEY: loads, answers, stops on SIGTERM."""
+    import os
+    import subprocess
+    import sys
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "JOJO_API_KEY": "sk-env"}
+    cmd = [sys.executable, "-m", "jojo.cli", "serve", str(ckpt), "--port", str(port), "--threads", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, "jojo serve did not come up"
+            time.sleep(0.2)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="sk-env", max_retries=0, timeout=60)
+        out = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert out.usage.completion_tokens <= 4
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="sk-other", max_retries=0).models.list()
+    finally:
+        proc.terminate()
+        output, _ = proc.communicate(timeout=30)
+    assert f"on http://127.0.0.1:{port}/" in output
+
+
 def test_cli_serve_rejects_a_missing_checkpoint_and_bad_flags(tmp_path, capsys):
     from jojo.cli import main
 
