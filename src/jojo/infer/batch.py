@@ -25,6 +25,10 @@ the single-row ones by float rounding (~1e-6 relative; the tests bound it), so t
 unless two logits tie to within rounding. The tests check the tokens on both families with mixed prompt lengths
 and arrival times.
 
+Speed on CPU: the engine converts the model with `convert_for_decoding` (one-row kernels, for a lone row) and
+`convert_for_batches` (oneDNN on prepacked weights for steps of several rows, where faster than MKL); both leave
+the architecture alone and make the model inference-only. The KV cache holds max_batch x context positions.
+
 How to call it:
 
     from jojo.checkpoint import load_checkpoint
