@@ -458,12 +458,15 @@ def test_jojo_serve_command_end_to_end(ckpt):
     assert f"on http://127.0.0.1:{port}/" in output
 
 
-def test_cli_serve_rejects_a_missing_checkpoint_and_bad_flags(tmp_path, capsys):
+def test_cli_serve_rejects_a_missing_checkpoint_and_bad_flags(ckpt, tmp_path, capsys):
     from jojo.cli import main
 
     assert main(["serve", str(tmp_path / "nope")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
-    assert main(["serve", str(tmp_path / "nope"), "--port", "0"]) == 2
+    assert main(["serve", str(ckpt), "--port", "0"]) == 2
+    assert "--port 0" in capsys.readouterr().err
+    assert main(["serve", str(ckpt), "--max-batch", "0"]) == 2
+    assert "--max-batch" in capsys.readouterr().err
 
 
 # ---- the chat page in headless Chromium ------------------------------------------------------------------

@@ -13,17 +13,23 @@ position p_b (RoPE angles or the learned position table read at p_b) and masks r
 
 Sampling is per request (`SamplingConfig`: temperature, top-k, top-p, repetition penalty, seed, max tokens),
 through the same `process_logits`/`pick` as the single-sequence `generate_stream`, with a `torch.Generator` per
-request (seeded with `seed`, so a request's sample depends on its prompt and seed only, not on its neighbours).
+request (seeded with `seed`, so a request's sample depends on its prompt and seed, not on its neighbours, up to
+the float rounding discussed below).
 Text streams as pieces: an incomplete UTF-8 character is held back until its last byte arrives, and so is a
 tail that could be the start of a stop string (a stop string ends the request, itself not part of the text).
 
 Exactness at temperature 0. A request alone in the engine runs exactly the computation of `generate_stream`
 (the same shapes and kernels: a prompt of at most `prefill_chunk` tokens is one causal prefill, a lone row
-decodes through the one-row kernels of `jojo.infer.decode`), so its tokens are identical bit for bit. In a batch,
+decodes through the one-row kernels of `jojo.infer.decode`), so its tokens are identical bit for bit (a longer
+prompt is prefilled in chunks: the same up to rounding, as below). In a batch,
 the matrix products run over several rows and attention over a masked, padded span: the logits then differ from
 the single-row ones by float rounding (~1e-6 relative; the tests bound it), so the greedy tokens are the same
 unless two logits tie to within rounding. The tests check the tokens on both families with mixed prompt lengths
 and arrival times.
+
+Speed on CPU: the engine converts the model with `convert_for_decoding` (one-row kernels, for a lone row) and
+`convert_for_batches` (oneDNN on prepacked weights for steps of several rows, where faster than MKL); both leave
+the architecture alone and make the model inference-only. The KV cache holds max_batch x context positions.
 
 How to call it:
 
