@@ -12,8 +12,9 @@ Python:
     import lm_eval
     lm_eval.simple_evaluate(model="jojo", model_args="path=runs/tiny", tasks=["hellaswag"])
 
-model_args: `path` (or `pretrained`): checkpoint or run directory; `device` (auto); `dtype` (float32 | bfloat16 |
-auto); `batch_size` (rows per forward, default 32); `max_gen_toks` (256).
+model_args: `path` (or `pretrained`): checkpoint or run directory; `dtype` (float32 | bfloat16 | auto);
+`max_gen_toks` (256). lm-eval's own flags give the device (`--device cpu`; its default, cuda:0, falls back to
+what there is when no GPU is present) and `--batch_size` (rows per forward; auto = 32).
 
 Log-likelihoods go through Jojo's engine (`jojo.eval.tasks.score_requests`), which truncates and scores exactly
 as lm-eval's `hf` model does (the same token requests: lm-eval's `TemplateLM` tokenizes the pairs), so a task's
@@ -70,7 +71,12 @@ if TemplateLM is not None:
             checkpoint = path or pretrained
             if not checkpoint:
                 raise JojoError("the jojo model needs model_args path=CHECKPOINT (a checkpoint or run directory)")
-            self._device = pick_device(device or "auto")
+            device = device or "auto"
+            if str(device).startswith("cuda") and not torch.cuda.is_available():
+                # lm-eval asks for cuda:0 unless told --device; without a GPU, take what there is
+                print(f"jojo: {device} is not available; using {pick_device('auto')}", file=sys.stderr)
+                device = "auto"
+            self._device = pick_device(device)
             self._dtype = pick_dtype(str(dtype).replace("torch.", ""), self._device)
             self.model, self.tok, self.state = load_checkpoint(checkpoint, self._device)
             self.batch_size = _batch_size(batch_size)
