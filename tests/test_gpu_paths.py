@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import config_tree, tiny_model_config
-from jojo.config import ModelConfig, load_config
+from jojo.config import ModelConfig, SystemConfig, load_config, parse_overrides
 from jojo.data.loader import BatchLoader
 from jojo.device import pick_dtype
 from jojo.model import GPT
@@ -30,6 +30,7 @@ from jojo.train.system import (
     peak_flops,
     peak_flops_of,
     plan_batch,
+    setup_runtime,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +107,42 @@ def test_auto_dtype_is_bf16_only_where_the_gpu_has_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))  # A100
     assert pick_dtype("auto", cuda) == torch.bfloat16
     assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_auto_dtype_on_cpu_is_bf16_for_training_only_where_the_cpu_has_it(monkeypatch, has_bf16):
+    import jojo.device as device_mod
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert device_mod.cpu_native_bf16() is has_bf16
+    assert pick_dtype("auto", cpu, training=True) == (torch.bfloat16 if has_bf16 else torch.float32)
+    assert pick_dtype("auto", cpu) == torch.float32  # evaluation and generation on a CPU stay float32
+    assert pick_dtype("float32", cpu, training=True) == torch.float32
+    rt = setup_runtime(SystemConfig(device="cpu"))
+    assert rt.dtype == (torch.bfloat16 if has_bf16 else torch.float32)
+    assert rt.validation_dtype == torch.float32  # what `jojo eval` picks on the same CPU
+
+
+def test_compile_auto_only_for_long_cpu_bf16_runs(monkeypatch):
+    from jojo.train.system import COMPILE_MIN_SECONDS, COMPILE_MIN_STEPS, resolve_compile
+
+    cpu_bf16 = Runtime(torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")
+    assert resolve_compile(None, cpu_bf16, COMPILE_MIN_STEPS)
+    assert not resolve_compile(None, cpu_bf16, COMPILE_MIN_STEPS - 1)
+    assert resolve_compile(None, cpu_bf16, 10, COMPILE_MIN_SECONDS)  # a budget decides, not the step count
+    assert not resolve_compile(None, cpu_bf16, 10_000, COMPILE_MIN_SECONDS - 1)
+    assert not resolve_compile(None, Runtime(torch.device("cpu"), torch.float32), 10_000)  # no gain in float32
+    assert not resolve_compile(None, Runtime(torch.device("cuda"), torch.bfloat16), 10_000)  # GPUs: --compile
+    assert resolve_compile(True, Runtime(torch.device("cpu"), torch.float32), 1)
+    assert not resolve_compile(False, cpu_bf16, 10_000)
+    monkeypatch.setattr("shutil.which", lambda name: None)  # no C++ compiler for inductor
+    assert not resolve_compile(None, cpu_bf16, 10_000)
+    assert load_config("tiny", {"system": {"compile": "auto"}}).system.compile is None
+    assert load_config("tiny", parse_overrides(["--no-compile"])).system.compile is False
+    assert load_config("tiny", parse_overrides(["--compile"])).system.compile is True
 
 
 # ---- memory: the --batch-size auto reserve and the activation formula ------------------------------------

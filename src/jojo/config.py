@@ -181,8 +181,16 @@ class ScheduleConfig:
 @dataclass
 class SystemConfig:
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
-    dtype: str = opt("auto", "autocast dtype: auto (bf16 on capable GPUs, else float32), float32, bfloat16, float16")
-    compile: bool = opt(False, "torch.compile the model (worth it on GPUs; minutes of compiling on a CPU)")
+    dtype: str = opt(
+        "auto",
+        "autocast dtype: auto (bf16 where the GPU or CPU has native bf16 math, else float32; evaluation on a CPU "
+        "stays float32), float32, bfloat16, float16",
+    )
+    compile: bool | None = opt(
+        None,
+        "torch.compile the model: true, false, or auto (unset): on a CPU with native bf16 for runs of >= 300 "
+        "steps or a >= 2 min budget, where it pays for its ~20 s of compiling; pass --compile on GPUs",
+    )
     fsdp: bool = opt(False, "under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP")
     tf32: bool = opt(True, "CUDA float32 matmuls on TF32 tensor cores")
     seed: int = opt(1337, "random seed (weights, data order)")
@@ -333,7 +341,7 @@ def _coerce(key: str, raw: Any, typ: Any) -> Any:
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
-        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null")):
+        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "auto")):
             return None
         typ = args[0]
     if key in AUTO_INT_KEYS and isinstance(raw, str) and raw.lower() == "auto":

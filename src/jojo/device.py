@@ -1,7 +1,8 @@
 """Device and precision policy, low in the layers so inference, evaluation and training share it.
 
 `pick_device("auto")` chooses the CUDA GPU with the most free memory, else Apple's MPS, else the CPU;
-`pick_dtype` resolves `--dtype auto`; `autocast(device, dtype)` is a no-op context in float32.
+`pick_dtype` resolves `--dtype auto` (bf16 where the device has native bf16 math); `autocast(device, dtype)` is a
+no-op context in float32.
 """
 
 from __future__ import annotations
@@ -35,18 +36,35 @@ def pick_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_native_bf16() -> bool:
+    """Does this CPU multiply bfloat16 natively (x86 AVX-512 BF16 or AMX tiles)?
+
+    There oneDNN runs bf16 matmuls on the bf16 units, and a small model's training step under bf16 autocast is
+    ~1.5x faster than in float32 (BENCHMARKS.md); elsewhere bf16 is converted in software and slower."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(probe()) for probe in probes if probe is not None)
+
+
 def native_bf16(device: torch.device) -> bool:
-    """Does this CUDA GPU have bfloat16 tensor cores (Ampere, compute capability 8.0, and later)?
+    """Does this device do bfloat16 math natively: a CUDA GPU with bf16 tensor cores (Ampere, compute
+    capability 8.0, and later), or a CPU with bf16 units (`cpu_native_bf16`)?
 
     Not `torch.cuda.is_bf16_supported()` alone: by default it also says yes where bf16 is only emulated
     (V100, T4), where bf16 matmuls run far below float16's tensor-core rate."""
+    if device.type == "cpu":
+        return cpu_native_bf16()
     if device.type != "cuda":
         return False
     return torch.cuda.get_device_capability(device)[0] >= 8 and torch.cuda.is_bf16_supported()
 
 
-def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+def pick_dtype(requested: str, device: torch.device, training: bool = False) -> torch.dtype:
+    """`auto`: bfloat16 autocast where the device has native bf16 math, else float32. On a CPU only for
+    training: evaluation and generation there stay float32 (bound by memory or per-call overhead, where bf16
+    gains little, and their figures then match other tools' float32 ones)."""
     if requested == "auto":
+        if device.type == "cpu" and not training:
+            return torch.float32
         return torch.bfloat16 if native_bf16(device) else torch.float32
     dtype = getattr(torch, requested)
     if dtype == torch.float16 and device.type == "cpu":

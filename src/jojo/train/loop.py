@@ -35,7 +35,14 @@ from jojo.model import GPT, IGNORE_INDEX
 from jojo.tokenizer import Tokenizer
 from jojo.train.optim import build_optimizer
 from jojo.train.schedule import lr_multiplier
-from jojo.train.system import Runtime, batch_to_device, peak_flops, seed_everything, wrap_for_training
+from jojo.train.system import (
+    Runtime,
+    batch_to_device,
+    peak_flops,
+    resolve_compile,
+    seed_everything,
+    wrap_for_training,
+)
 
 
 @dataclass
@@ -212,11 +219,15 @@ def start_run(cfg: TrainConfig, model: GPT, tokenizer, train_source, val_source,
             load_items(name, cfg.logging.eval_data_dir or None, limit=1)
     if rt.fsdp and cfg.optimizer.name == "muon":
         raise JojoError("optimizer.name=muon does not work with --system.fsdp (it needs whole matrices); use adamw")
-    # Wrap first: FSDP2 turns the parameters into sharded DTensors, and the optimizer must hold those.
-    train_model = wrap_for_training(model, rt, cfg.system.compile)
-    optimizer = build_optimizer(model, cfg.optimizer, rt.device.type)
     tokens_per_step = cfg.data.batch_size * model.config.block_size * cfg.optimizer.grad_accum * rt.world_size
     steps = total_steps(cfg, max(train_source.steps_per_epoch // cfg.optimizer.grad_accum, 1), tokens_per_step)
+    # Wrap first: FSDP2 turns the parameters into sharded DTensors, and the optimizer must hold those.
+    compiled = resolve_compile(cfg.system.compile, rt, steps, cfg.schedule.max_seconds)
+    train_model = wrap_for_training(model, rt, compiled)
+    if compiled and rt.is_main:
+        print("compiling the model (torch.compile; the first steps wait for it, --no-compile to skip)",
+              file=sys.stderr, flush=True)  # fmt: skip
+    optimizer = build_optimizer(model, cfg.optimizer, rt.device.type)
     return Run(cfg, model, tokenizer, train_source, val_source, rt, train_model, optimizer, rt.grad_scaler(),
                steps, tokens_per_step, **extra)  # fmt: skip
 
@@ -360,7 +371,7 @@ def evaluate_and_save(run: Run) -> bool:
     """Validation loss and bits per byte, a checkpoint (best when it improved), the loss plot. Returns whether
     the run should stop early (`logging.patience` evaluations without a better validation loss)."""
     log, rt = run.cfg.logging, run.rt
-    run.val_loss, _ = evaluate_loss(run.model, run.val_source, rt.device, rt.dtype, log.eval_iters)
+    run.val_loss, _ = evaluate_loss(run.model, run.val_source, rt.device, rt.validation_dtype, log.eval_iters)
     run.val_bpb = run.val_loss / LN2 / run.bytes_per_token if run.bytes_per_token else None
     tasks = _task_metrics(run) if log.eval_tasks else {}  # every rank: under FSDP a forward is collective
     if run.monitor:
@@ -388,7 +399,7 @@ def _task_metrics(run: Run) -> dict[str, float]:
     log = run.cfg.logging
     tasks = [t.strip() for t in log.eval_tasks.split(",") if t.strip()]
     results = run_tasks(run.model, run.tokenizer, tasks, data_dir=log.eval_data_dir or None, limit=log.eval_limit,
-                        device=run.rt.device)  # fmt: skip
+                        device=run.rt.device, dtype=run.rt.validation_dtype)  # fmt: skip
     return {k: v for k, v in flat_metrics(results).items() if not k.endswith("_stderr")}
 
 

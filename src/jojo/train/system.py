@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -139,6 +140,7 @@ class Runtime:
     local_rank: int = 0
     world_size: int = 1
     fsdp: bool = False  # parameters are sharded (FSDP2) rather than replicated (DDP)
+    eval_dtype: torch.dtype | None = None  # validation's autocast dtype; None: the training dtype
 
     @property
     def is_main(self) -> bool:
@@ -150,6 +152,10 @@ class Runtime:
 
     def autocast(self):
         return autocast(self.device, self.dtype)
+
+    @property
+    def validation_dtype(self) -> torch.dtype:
+        return self.eval_dtype or self.dtype
 
     def grad_scaler(self) -> torch.amp.GradScaler | None:
         """float16 needs loss scaling (its exponent range underflows small gradients); bfloat16 does not."""
@@ -186,12 +192,43 @@ def setup_runtime(cfg: SystemConfig) -> Runtime:
         torch.backends.cudnn.allow_tf32 = cfg.tf32
     if cfg.fsdp and world_size == 1:
         print("note: --system.fsdp applies under torchrun with several processes; training unsharded")
-    return Runtime(device, pick_dtype(cfg.dtype, device), rank, local_rank, world_size, cfg.fsdp and world_size > 1)
+    # validation in what `jojo eval` picks for the same --dtype, so the two report the same figure
+    return Runtime(
+        device,
+        pick_dtype(cfg.dtype, device, training=True),
+        rank,
+        local_rank,
+        world_size,
+        cfg.fsdp and world_size > 1,
+        eval_dtype=pick_dtype(cfg.dtype, device),
+    )
 
 
 def teardown_runtime(rt: Runtime) -> None:
     if rt.distributed and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# `system.compile` auto: compile a CPU bf16 run planned for at least this many steps or seconds. Measured on a
+# 2-core AVX-512 BF16 CPU (BENCHMARKS.md): compiling takes ~20 s cold (~3 s from inductor's cache) and makes a
+# bf16 step ~1.15-1.35x faster, so it pays for itself after about two minutes; in float32 it gains nothing there.
+COMPILE_MIN_STEPS = 300
+COMPILE_MIN_SECONDS = 120.0
+
+
+def resolve_compile(requested: bool | None, rt: Runtime, steps: int, max_seconds: float = 0.0) -> bool:
+    """`system.compile`: true/false as asked; auto (None) compiles where it was measured to pay for itself: a
+    run on a CPU in bf16 autocast, long enough (COMPILE_MIN_*), with a C++ compiler for inductor to call."""
+    if requested is not None:
+        return requested
+    if rt.device.type != "cpu" or rt.dtype != torch.bfloat16:
+        return False
+    if max_seconds:
+        long_enough = max_seconds >= COMPILE_MIN_SECONDS
+    else:
+        long_enough = steps >= COMPILE_MIN_STEPS
+    compiler = os.environ.get("CXX") or "g++"
+    return long_enough and shutil.which(compiler) is not None
 
 
 def wrap_for_training(model: torch.nn.Module, rt: Runtime, compile_model: bool) -> torch.nn.Module:
