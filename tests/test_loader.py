@@ -46,10 +46,19 @@ def test_each_epoch_visits_every_row_once_in_a_new_order(sharded):
             lo = loader.position - 8  # where this batch's rows were taken from
             picks += [tuple(p) for p in loader._order[lo : lo + 8].tolist()]
         epochs.append(picks)
-    all_rows = {(s, int(r)) for s, rows in enumerate(loader.starts) for r in rows}
+    offsets = []
     for picks in epochs:
         assert len(picks) == len(set(picks)) == loader.steps_per_epoch * 8  # no row twice
-        assert set(picks) <= all_rows and len(all_rows) - len(set(picks)) < 8  # only the ragged tail is dropped
+        assert loader.rows_per_epoch - len(picks) < 8  # only the ragged tail is dropped
+        # each row is a fixed window moved by its shard's offset of this epoch (0 <= offset < T), or left in place
+        moved = {}
+        for s, r in picks:
+            base = loader.starts[s][np.searchsorted(loader.starts[s], r, side="right") - 1]
+            assert 0 <= r - base < T and r + T < len(loader.data.shards[s])
+            moved.setdefault(s, set()).add(int(r - base))
+        assert all(len(d - {0}) <= 1 for d in moved.values())
+        offsets.append(moved)
+    assert offsets[0] != offsets[1] and any(d - {0} for d in offsets[0].values())  # new windows each epoch
     assert epochs[0] != epochs[1]
     # shard order is shuffled per epoch too, and rows of one shard stay together (locality)
     shard_runs = [[s for i, (s, _) in enumerate(p) if i == 0 or p[i - 1][0] != s] for p in epochs]

@@ -124,6 +124,13 @@ class BatchLoader:
         pieces = []
         for s in shard_order:
             rows = self.starts[s]
+            if self.shuffle and not self.doc_aligned and len(rows):
+                # Windows move by a random offset each epoch (one per shard), so a small corpus trained for many
+                # epochs gives new rows instead of the same ones again; the count per epoch stays the same (a
+                # row that would run past the shard's end keeps its place).
+                last = len(self.data.shards[s]) - 1 - self.block_size
+                moved = rows + int(rng.integers(0, self.block_size))
+                rows = np.where(moved <= last, moved, rows)
             rows = rows[rng.permutation(len(rows))] if self.shuffle else rows
             pieces.append(np.stack([np.full(len(rows), s, dtype=np.int64), rows], axis=1))
         self._order = np.concatenate(pieces)
