@@ -40,6 +40,8 @@ SFT_CHATS = 8_000  # synthetic conversations for the SFT stage (60% single quest
 CHAT_FRACTION = 0.5  # of the pretraining corpus (the rest: stories)
 MIN_DOCS = 1500  # below scale 1 the corpus shrinks too (tests run the pipeline at a small scale), to this floor
 VOCAB_SIZE = 1024
+PRETRAIN_SECONDS = 180.0  # the pretraining budget at scale 1 (`--time-budget`): a finished schedule on any machine
+SFT_STEPS = 350  # chat fine-tuning steps at scale 1 (exact match reaches 100% here; the rest of the time pretrains)
 STORY_PROMPT = "Once upon a time"
 N_QUESTIONS = 100
 
@@ -141,14 +143,14 @@ def _pretrain(out_dir: Path, scale: float, family: str, device: str, seed: int):
     preset = "tiny" if family == "gpt2" else "llama-tiny"
     overrides = {
         "data": {"dataset": str(out_dir / "data")},
-        "schedule": {"max_steps": int(round(load_config(preset).schedule.max_steps * scale))},
+        "schedule": {"max_seconds": PRETRAIN_SECONDS * scale},
         "system": {"device": device, "seed": 1337 + seed},
         "logging": {"out_dir": str(out_dir / "model")},
     }
     cfg = load_config(preset, overrides)
     _say(
-        f"[4/7] pretraining the '{preset}' preset for {cfg.schedule.max_steps} steps "
-        f"({cfg.data.batch_size} x {cfg.model.block_size} tokens per step)"
+        f"[4/7] pretraining the '{preset}' preset for {cfg.schedule.max_seconds:.0f} s "
+        f"({cfg.data.batch_size} x {cfg.model.block_size} tokens per step; the schedule runs on the clock)"
     )
     return pretrain(preset, overrides=overrides)
 
@@ -202,7 +204,7 @@ def _finetune(out_dir: Path, scale: float, device: str, seed: int):
     n_chats = max(int(SFT_CHATS * min(scale, 1.0)), 200)
     sft_overrides = {
         "data": {"dataset": "embedded", "embedded_chats": n_chats},
-        "schedule": {"max_steps": max(int(round(load_config("sft-tiny").schedule.max_steps * scale)), 1)},
+        "schedule": {"max_steps": max(int(round(SFT_STEPS * scale)), 1)},
         "system": {"device": device, "seed": 1337 + seed},
         "logging": {"out_dir": str(out_dir / "sft")},
     }
