@@ -143,9 +143,10 @@ def main() -> None:
     tok_file = data.parent / "embedded-tokenizer.json" if args.corpus == "embedded" else data / "tokenizer.json"
     tokenizer = Tokenizer.load(tok_file)
     meta = json.loads((data / "meta.json").read_text())
-    print(f"corpus {args.corpus}: train {meta['splits']['train']['tokens']:,} tokens, held out "
-          f"{meta['splits']['val']['tokens']:,}; vocab {meta['vocab_size']}; preset {args.size}; budget "
-          f"{args.budget:g} s each; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)  # fmt: skip
+    splits = meta["splits"]
+    print(f"corpus {args.corpus}: train {splits['train']['tokens']:,} tokens, held out {splits['val']['tokens']:,}; "
+          f"vocab {meta['vocab_size']}; preset {args.size}; budget {args.budget:g} s each; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads", flush=True)  # fmt: skip
     results = {}
     for name in ("jojo", "nanogpt"):
         if args.only and name != args.only:
