@@ -44,7 +44,7 @@ def sft_cfg(out: Path, **sections):
         "data": {"batch_size": 4, "embedded_chats": 120},
         "optimizer": {"lr": 3e-3, "weight_decay": 0.0},
         "schedule": {"max_steps": 6, "warmup_steps": 1},
-        "system": {"device": "cpu", "seed": 3},
+        "system": {"device": "cpu", "seed": 3, "dtype": "float32"},  # resume bit-identity is defined in float32
         "logging": {"out_dir": str(out), "eval_interval": 3, "eval_iters": 2, "log_interval": 3, "progress": False},
     }
     for section, values in sections.items():
