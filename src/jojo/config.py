@@ -545,6 +545,7 @@ def config_help(preset: str | None = None) -> str:
             base = next((a for a in typing.get_args(typ) if a is not type(None)), typ)
             value = getattr(getattr(defaults, section.name), f.name)
             shown = json.dumps(value) if not isinstance(value, str) else (repr(value) if value else "''")
+            shown = "auto" if value is None else shown  # an unset optional field is decided at run time
             names = ", ".join([f"--{dotted}"] + aliases.get(dotted, []))
             lines.append(f"  {names} {base.__name__.upper()}")
             lines.append(f"      {f.metadata.get('help', '')} (default {shown})")
