@@ -26,8 +26,16 @@ def run(preset: str, data: Path, out: Path, dtype: str, steps: int, seed: int) -
         preset,
         dataset=data,
         out=out,
-        overrides=[f"--dtype={dtype}", "--no-compile", "--device=cpu", f"--seed={seed}", f"--max-iters={steps}",
-                   "--logging.eval_interval=50", "--logging.eval_iters=0", "--logging.progress=false"],  # fmt: skip
+        overrides=[
+            f"--dtype={dtype}",
+            "--no-compile",
+            "--device=cpu",
+            f"--seed={seed}",
+            f"--max-iters={steps}",
+            "--logging.eval_interval=50",
+            "--logging.eval_iters=0",
+            "--logging.progress=false",
+        ],  # fmt: skip
         quiet=True,
     )
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
