@@ -56,14 +56,15 @@ LN2 = math.log(2)
 
 
 def _scored_batches(model, source, device: torch.device, dtype: torch.dtype, max_batches: int):
-    """(logits, targets, mean loss, predicted tokens) for each batch of `source.iter_sequential(max_batches)`."""
+    """(logits, targets, mean loss, predicted tokens) for each batch of `source.iter_sequential(max_batches)`.
+    The token count is a device tensor: reading it is the caller's choice (a host sync on a GPU)."""
     for batch in source.iter_sequential(max_batches):
         x = batch["input_ids"].to(device)
         y = batch["targets"].to(device)
         kwargs = {"doc_ids": batch["doc_ids"].to(device)} if "doc_ids" in batch else {}
         with autocast(device, dtype):
             logits, loss = model(x, y, **kwargs)
-        yield logits, y, loss, int((y != IGNORE_INDEX).sum())
+        yield logits, y, loss, (y != IGNORE_INDEX).sum()
 
 
 @torch.no_grad()
@@ -84,13 +85,7 @@ def evaluate_loss(
     # for the GPU at every batch instead of queueing the next one.
     total = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
     count = torch.zeros((), dtype=torch.int64, device=device)
-    for batch in source.iter_sequential(max_batches):
-        x = batch["input_ids"].to(device)
-        y = batch["targets"].to(device)
-        kwargs = {"doc_ids": batch["doc_ids"].to(device)} if "doc_ids" in batch else {}
-        with autocast(device, dtype):
-            _, loss = model(x, y, **kwargs)
-        n = (y != IGNORE_INDEX).sum()
+    for _, _, loss, n in _scored_batches(model, source, device, dtype, max_batches):
         total += torch.where(n > 0, loss.to(total.dtype) * n, 0.0)  # a batch without targets has a NaN mean: skip it
         count += n
     model.train(was_training)
@@ -118,6 +113,7 @@ def lm_metrics(
     lengths = torch.as_tensor(byte_lengths, dtype=torch.long, device=device) if byte_lengths is not None else None
     total, count, correct, nbytes = 0.0, 0, 0, 0
     for logits, y, loss, n in _scored_batches(model, source, device, dtype, max_batches):
+        n = int(n)
         if not n:
             continue
         total += float(loss) * n
