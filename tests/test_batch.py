@@ -167,7 +167,7 @@ def test_stop_strings_hold_back_partial_matches(tokenizer):
     assert not engine._push_text(req, "N")
     assert req.take() == ""
     assert not engine._push_text(req, "x")
-    assert req.take() == "EN" and req._held == "x"  # not END after all; but "x" may start "xyz"
+    assert req.take() == "EN" and req._stops.pending == "x"  # not END after all; but "x" may start "xyz"
     assert engine._push_text(req, "yzEND tail")  # "xyz" completes first: cut there
     assert req.take() == "" and req.text == "abc EN"
 

@@ -61,9 +61,10 @@ def test_time_budget_ends_the_run_at_the_deadline(prepared, tmp_path, monkeypatc
     lrs = [r["lr"] for r in rows if r["event"] == "train"]
     peak = load_config(None, tree).optimizer.lr
     assert lrs[1] == pytest.approx(peak)  # warm-up over 2 steps, then ...
-    assert lrs[2:] == sorted(lrs[2:], reverse=True) and lrs[-1] < 0.15 * peak  # ... decayed to the floor by 10 s
+    assert lrs[2] == pytest.approx(peak)  # ... the decay starts from the peak where warm-up ended on the clock ...
+    assert lrs[2:] == sorted(lrs[2:], reverse=True) and lrs[-1] < 0.15 * peak  # ... and is at the floor by 10 s
     state = json.loads((tmp_path / "run" / "latest" / "state.json").read_text())
-    assert state["elapsed"] >= 10
+    assert state["elapsed"] >= 10 and state["warmup_elapsed"] == pytest.approx(2.0)
     with pytest.raises(JojoError, match="time budget"):  # resuming an exhausted budget says what to raise
         jojo.pretrain(tree, resume=True, quiet=True)
 

@@ -93,23 +93,7 @@ def evaluate_checkpoint(
     if lm_data is None and text is None:
         lm_data = _run_dataset(state)
     folder = zs.resolve_data_dir(data_dir)
-    if tasks is None:
-        parts = (["lm"] if (lm_data or text) else []) + [
-            n for n in zs.available_tasks(folder) if not (chat and zs.TASKS[n].kind == zs.LANGUAGE_MODEL)
-        ]
-        parts += ["chat"] if chat_data else []
-        parts += ["generation"] if generate else []
-    else:
-        parts = _part_names(tasks)
-        if generate and "generation" not in parts:
-            parts.append("generation")
-        if chat_data and "chat" not in parts:
-            parts.append("chat")
-    if not parts:
-        raise JojoError(
-            f"nothing to evaluate: no --data/--text, and no task data in {folder}; fetch tasks with "
-            f"`jojo eval download --tasks hellaswag --out {folder}` or pass --data DIR"
-        )
+    parts = _plan_parts(tasks, bool(lm_data or text), folder, chat, chat_data, generate)
     report: dict = {
         "checkpoint": str(ckpt),
         "step": state.get("step"),
@@ -126,22 +110,8 @@ def evaluate_checkpoint(
     for part in parts:
         say(f"evaluating {part} ...")
         if part == "lm":
-            if lm_data is not None:
-                rows = batch_size or (run_cfg.get("data") or {}).get("batch_size") or 8
-                batches = max_batches
-                if batches is None:
-                    batches = (run_cfg.get("logging") or {}).get("eval_iters", 0) if stride is None else 0
-                report["lm"] = evaluate_split(
-                    model, tok, lm_data, split, batch_size=rows, max_batches=batches, stride=stride, device=dev,
-                    dtype=torch_dtype,
-                )  # fmt: skip
-            elif text is not None:
-                report["lm"] = evaluate_text(
-                    model, tok, text, fmt=text_format, split_on=split_on, field=field, batch_size=batch_size or 8,
-                    max_batches=max_batches or 0, stride=stride, device=dev, dtype=torch_dtype,
-                )  # fmt: skip
-            else:
-                raise JojoError("the lm metrics need held-out text: --data DIR [--split val] or --text PATH")
+            report["lm"] = _lm_metrics(model, tok, run_cfg, lm_data, split, text, text_format, split_on, field,
+                                       stride, batch_size, max_batches, dev, torch_dtype)  # fmt: skip
         elif part == "chat":
             if not chat_data:
                 raise JojoError("the chat exact match needs --chat-data FILE (a JSONL of conversations with answers)")
@@ -157,6 +127,46 @@ def evaluate_checkpoint(
             )  # fmt: skip
     report["seconds"] = round(time.time() - t0, 2)
     return report
+
+
+def _plan_parts(tasks, have_text: bool, folder: Path, chat: bool, chat_data, generate: bool) -> list[str]:
+    """What to evaluate: the tasks asked for, or everything there is data for (lm, each task, chat, generation)."""
+    if tasks is None:
+        parts = (["lm"] if have_text else []) + [
+            n for n in zs.available_tasks(folder) if not (chat and zs.TASKS[n].kind == zs.LANGUAGE_MODEL)
+        ]
+        parts += ["chat"] if chat_data else []
+        parts += ["generation"] if generate else []
+    else:
+        parts = _part_names(tasks)
+        if generate and "generation" not in parts:
+            parts.append("generation")
+        if chat_data and "chat" not in parts:
+            parts.append("chat")
+    if not parts:
+        raise JojoError(
+            f"nothing to evaluate: no --data/--text, and no task data in {folder}; fetch tasks with "
+            f"`jojo eval download --tasks hellaswag --out {folder}` or pass --data DIR"
+        )
+    return parts
+
+
+def _lm_metrics(model, tok, run_cfg: dict, lm_data, split, text, text_format, split_on, field, stride, batch_size,
+                max_batches, dev, torch_dtype) -> dict:  # fmt: skip
+    """Loss, perplexity and bits per byte on a prepared split (the run's own batch size and eval_iters unless
+    told otherwise) or on raw text files."""
+    if lm_data is not None:
+        rows = batch_size or (run_cfg.get("data") or {}).get("batch_size") or 8
+        batches = max_batches
+        if batches is None:
+            batches = (run_cfg.get("logging") or {}).get("eval_iters", 0) if stride is None else 0
+        return evaluate_split(model, tok, lm_data, split, batch_size=rows, max_batches=batches, stride=stride,
+                              device=dev, dtype=torch_dtype)  # fmt: skip
+    if text is not None:
+        return evaluate_text(model, tok, text, fmt=text_format, split_on=split_on, field=field,
+                             batch_size=batch_size or 8, max_batches=max_batches or 0, stride=stride, device=dev,
+                             dtype=torch_dtype)  # fmt: skip
+    raise JojoError("the lm metrics need held-out text: --data DIR [--split val] or --text PATH")
 
 
 def report_json(report: dict) -> str:

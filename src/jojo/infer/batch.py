@@ -79,7 +79,7 @@ import torch.nn.functional as F
 
 from jojo.errors import JojoError
 from jojo.infer.decode import DecodeLinear, DecodeSwiGLU, convert_for_decoding
-from jojo.infer.engine import SamplingConfig, pick, process_logits
+from jojo.infer.engine import SamplingConfig, StopMatcher, pick, process_logits
 from jojo.model import GPT
 from jojo.tokenizer import byte_level_alphabet
 
@@ -198,7 +198,7 @@ class Request:
         self._prefix_off = 0  # detokenization window: ids[_prefix_off:_read_off] were turned into text already
         self._read_off = 0
         self._utf8 = None  # the incremental UTF-8 decoder (byte-level tokenizers)
-        self._held = ""  # text held back: it may be the start of a stop string
+        self._stops = StopMatcher(stop)  # holds back text that may be the start of a stop string
 
     # ---- caller side -------------------------------------------------------------------------------------
     @property
@@ -283,17 +283,6 @@ class Result:
             "tokens": len(self.token_ids),
             "finish_reason": self.finish_reason,
         }
-
-
-def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest tail of `text` that is the start of some stop string (it must wait for more)."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
 
 
 def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -769,19 +758,8 @@ class BatchEngine:
 
     def _push_text(self, req: Request, piece: str) -> bool:
         """Emit `piece` unless it completes a stop string (emit up to it; True) or may start one (held back)."""
-        if not req.stop:
-            req._emit(piece)
-            return False
-        text = req._held + piece
-        hits = [i for i in (text.find(s) for s in req.stop) if i >= 0]
-        if hits:
-            req._held = ""
-            req._emit(text[: min(hits)])
-            return True
-        keep = _stop_prefix_len(text, req.stop)
-        req._held = text[len(text) - keep :] if keep else ""
-        req._emit(text[: len(text) - keep])
-        return False
+        req._emit(req._stops.push(piece))
+        return req._stops.done
 
     def _end(self, req: Request, reason: str, error: str | None = None, flush: bool = False) -> None:
         """Finish `req`. flush (a stop id or the length limit ended it): first emit what was held back, the last
@@ -793,8 +771,7 @@ class BatchEngine:
             if self._push_text(req, tail):
                 reason = "stop"  # the flushed text completed a stop string
             else:
-                req._emit(req._held)
-            req._held = ""
+                req._emit(req._stops.flush())
         req._finish(reason, error)
         with self._lock:
             self.finished[reason] += 1

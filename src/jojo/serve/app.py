@@ -230,47 +230,7 @@ def create_app(settings: ServeSettings, engine: BatchEngine | None = None, model
 
     app = FastAPI(title="jojo serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.jojo = state
-    app.add_middleware(_CountStatus, counts=state.http_status)
-    if settings.cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
-        )
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
-        message = "unknown endpoint" if exc.status_code == 404 else str(exc.detail)
-        return JSONResponse(error_body(f"{message}: {request.method} {request.url.path}"), status_code=exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception):
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
-
-    def check_key(request: Request) -> None:
-        key = settings.api_key
-        if not key:
-            return
-        auth = request.headers.get("authorization", "")
-        scheme, _, given = auth.partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            raise APIError(401, "no API key: send the header 'Authorization: Bearer KEY'", code="missing_api_key")
-        if not hmac.compare_digest(given.strip().encode(), key.encode()):
-            raise APIError(401, "incorrect API key", code="invalid_api_key")
-
-    def model_object() -> dict:
-        obj = {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "jojo"}
-        if state.engine is not None:
-            obj["max_model_len"] = state.engine.block  # an extension (vLLM's name): the context in tokens
-        return obj
+    _install_middleware_and_errors(app, state)
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -289,143 +249,188 @@ def create_app(settings: ServeSettings, engine: BatchEngine | None = None, model
 
     @app.get("/v1/models")
     async def list_models(request: Request):
-        check_key(request)
-        return {"object": "list", "data": [model_object()]}
+        _check_key(settings, request)
+        return {"object": "list", "data": [_model_object(state)]}
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str, request: Request):
-        check_key(request)
-        if name != state.model_id:
-            raise APIError(
-                404,
-                f"the model '{name}' does not exist; this server has '{state.model_id}'",
-                param="model",
-                code="model_not_found",
-            )
-        return model_object()
+        _check_key(settings, request)
+        _check_model(state, name)
+        return _model_object(state)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await _complete(request, chat=True)
+        return await _complete(state, request, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await _complete(request, chat=False)
-
-    async def _complete(request: Request, chat: bool):
-        check_key(request)
-        engine = state.ready()
-        body = parse(ChatRequest if chat else CompletionRequest, await _read_json(request, settings.max_body_bytes))
-        if body.model is not None and body.model != state.model_id:
-            raise APIError(
-                404,
-                f"the model '{body.model}' does not exist; this server has '{state.model_id}'",
-                param="model",
-                code="model_not_found",
-            )
-        if not 1 <= body.n <= settings.max_n:
-            raise APIError(400, f"n must be between 1 and {settings.max_n}", param="n")
-        stops = body.stop_list()
-        tok = engine.tok
-        if chat:
-            messages = body.chat_messages()
-            prompts = [await run_in_threadpool(lambda: encode_chat(tok, messages, add_generation_prompt=True)[0])]
-            stop_ids, param = engine.chat_stop_ids, "messages"
-        else:
-            texts = body.prompts()
-            prompts = await run_in_threadpool(lambda: [tok.encode(t) if t else [tok.eot_id] for t in texts])
-            stop_ids, param = engine.text_stop_ids, "prompt"
-        if body.ignore_eos:
-            stop_ids = frozenset()
-        max_prompt = min(settings.max_prompt_tokens or engine.block, engine.block - 1)  # room for one new token
-        limit = settings.max_tokens_limit or engine.block
-        for ids in prompts:
-            if len(ids) > max_prompt:
-                raise APIError(
-                    400,
-                    f"the prompt is {len(ids)} tokens; this server takes at most {max_prompt} (the model's "
-                    f"context is {engine.block})",
-                    param=param,
-                    code="context_length_exceeded",
-                )
-        wanted = body.wanted_tokens()
-        if wanted is not None and not 1 <= wanted <= limit:
-            name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-            raise APIError(400, f"{name} must be between 1 and {limit}", param=name)
-
-        waker = _Waker(asyncio.get_running_loop(), only_done=not body.stream)
-        reqs = []
-        try:
-            for ids in prompts:
-                for j in range(body.n):
-                    sc = SamplingConfig(
-                        max_tokens=wanted if wanted is not None else min(limit, engine.block - len(ids)),
-                        temperature=body.temperature,
-                        top_k=body.top_k,
-                        top_p=body.top_p,
-                        repetition_penalty=body.repetition_penalty,
-                        seed=None if body.seed is None else body.seed + j,  # n choices: n different samples
-                    )
-                    reqs.append(engine.submit(ids, sc, stops, stop_ids, on_update=waker))
-        except QueueFull as exc:
-            for r in reqs:
-                engine.cancel(r)
-            raise APIError(429, str(exc), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
-        meta = {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
-            "created": int(time.time()),
-            "model": state.model_id,
-        }
-        prompt_tokens = sum(len(ids) for ids in prompts)
-        if body.stream:
-            return StreamingResponse(
-                _stream(
-                    request,
-                    engine,
-                    reqs,
-                    waker,
-                    chat,
-                    meta,
-                    prompt_tokens,
-                    body.include_usage(),
-                    settings.stream_interval,
-                ),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        watcher = asyncio.create_task(_watch_disconnect(request, engine, reqs, waker))
-        try:
-            while not all(r.done for r in reqs):
-                await waker.wait(lambda: all(r.done for r in reqs))
-        finally:
-            watcher.cancel()
-            for r in reqs:
-                if not r.done:
-                    engine.cancel(r)
-        failed = next((r for r in reqs if r.finish_reason == "error"), None)
-        if failed is not None:
-            raise APIError(500, f"generation failed: {failed.error}", "server_error")
-        choices = []
-        for i, r in enumerate(reqs):
-            if chat:
-                choices.append(
-                    {
-                        "index": i,
-                        "message": {"role": "assistant", "content": r.text},
-                        "finish_reason": r.finish_reason,
-                        "logprobs": None,
-                    }
-                )
-            else:
-                choices.append({"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None})
-        return {
-            **meta,
-            "object": "chat.completion" if chat else "text_completion",
-            "choices": choices,
-            "usage": usage(prompt_tokens, sum(len(r.tokens) for r in reqs)),
-        }
+        return await _complete(state, request, chat=False)
 
     return app
+
+
+def _install_middleware_and_errors(app: FastAPI, state: ServerState) -> None:
+    """Status counting, CORS (only for --cors-origin) and OpenAI-style JSON for every error."""
+    app.add_middleware(_CountStatus, counts=state.http_status)
+    if state.settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(state.settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        message = "unknown endpoint" if exc.status_code == 404 else str(exc.detail)
+        return JSONResponse(error_body(f"{message}: {request.method} {request.url.path}"), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
+
+
+def _check_key(settings: ServeSettings, request: Request) -> None:
+    key = settings.api_key
+    if not key:
+        return
+    auth = request.headers.get("authorization", "")
+    scheme, _, given = auth.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise APIError(401, "no API key: send the header 'Authorization: Bearer KEY'", code="missing_api_key")
+    if not hmac.compare_digest(given.strip().encode(), key.encode()):
+        raise APIError(401, "incorrect API key", code="invalid_api_key")
+
+
+def _check_model(state: ServerState, name: str | None) -> None:
+    if name is not None and name != state.model_id:
+        raise APIError(
+            404,
+            f"the model '{name}' does not exist; this server has '{state.model_id}'",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def _model_object(state: ServerState) -> dict:
+    obj = {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "jojo"}
+    if state.engine is not None:
+        obj["max_model_len"] = state.engine.block  # an extension (vLLM's name): the context in tokens
+    return obj
+
+
+async def _complete(state: ServerState, request: Request, chat: bool):
+    """POST /v1/chat/completions or /v1/completions: validate, submit every choice to the engine, then stream
+    the text (SSE) or wait for all of it."""
+    settings = state.settings
+    _check_key(settings, request)
+    engine = state.ready()
+    body = parse(ChatRequest if chat else CompletionRequest, await _read_json(request, settings.max_body_bytes))
+    _check_model(state, body.model)
+    if not 1 <= body.n <= settings.max_n:
+        raise APIError(400, f"n must be between 1 and {settings.max_n}", param="n")
+    stops = body.stop_list()
+    prompts, stop_ids = await _encode_prompts(engine, body, chat)
+    wanted, limit = _check_lengths(settings, engine, body, prompts, "messages" if chat else "prompt")
+    waker = _Waker(asyncio.get_running_loop(), only_done=not body.stream)
+    reqs = []
+    try:
+        for ids in prompts:
+            for j in range(body.n):
+                sc = SamplingConfig(
+                    max_tokens=wanted if wanted is not None else min(limit, engine.block - len(ids)),
+                    temperature=body.temperature,
+                    top_k=body.top_k,
+                    top_p=body.top_p,
+                    repetition_penalty=body.repetition_penalty,
+                    seed=None if body.seed is None else body.seed + j,  # n choices: n different samples
+                )
+                reqs.append(engine.submit(ids, sc, stops, stop_ids, on_update=waker))
+    except QueueFull as exc:
+        for r in reqs:
+            engine.cancel(r)
+        raise APIError(429, str(exc), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+    meta = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+        "created": int(time.time()),
+        "model": state.model_id,
+    }
+    prompt_tokens = sum(len(ids) for ids in prompts)
+    if body.stream:
+        events = _stream(request, engine, reqs, waker, chat, meta, prompt_tokens, body.include_usage(),
+                         settings.stream_interval)  # fmt: skip
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    await _wait_all(request, engine, reqs, waker)
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason,
+                    "logprobs": None} for i, r in enumerate(reqs)]  # fmt: skip
+    else:
+        choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
+                   for i, r in enumerate(reqs)]  # fmt: skip
+    return {
+        **meta,
+        "object": "chat.completion" if chat else "text_completion",
+        "choices": choices,
+        "usage": usage(prompt_tokens, sum(len(r.tokens) for r in reqs)),
+    }
+
+
+async def _encode_prompts(engine: BatchEngine, body, chat: bool) -> tuple[list[list[int]], frozenset]:
+    """The prompts' token ids (encoded off the event loop) and the token ids that end a choice."""
+    tok = engine.tok
+    if chat:
+        messages = body.chat_messages()
+        prompts = [await run_in_threadpool(lambda: encode_chat(tok, messages, add_generation_prompt=True)[0])]
+        stop_ids = engine.chat_stop_ids
+    else:
+        texts = body.prompts()
+        prompts = await run_in_threadpool(lambda: [tok.encode(t) if t else [tok.eot_id] for t in texts])
+        stop_ids = engine.text_stop_ids
+    return prompts, frozenset() if body.ignore_eos else stop_ids
+
+
+def _check_lengths(settings: ServeSettings, engine: BatchEngine, body, prompts, param: str) -> tuple[int | None, int]:
+    """Refuse an over-long prompt or an out-of-range max_tokens; returns (the tokens asked for, the limit)."""
+    max_prompt = min(settings.max_prompt_tokens or engine.block, engine.block - 1)  # room for one new token
+    limit = settings.max_tokens_limit or engine.block
+    for ids in prompts:
+        if len(ids) > max_prompt:
+            raise APIError(
+                400,
+                f"the prompt is {len(ids)} tokens; this server takes at most {max_prompt} (the model's "
+                f"context is {engine.block})",
+                param=param,
+                code="context_length_exceeded",
+            )
+    wanted = body.wanted_tokens()
+    if wanted is not None and not 1 <= wanted <= limit:
+        name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        raise APIError(400, f"{name} must be between 1 and {limit}", param=name)
+    return wanted, limit
+
+
+async def _wait_all(request: Request, engine: BatchEngine, reqs: list, waker: _Waker) -> None:
+    """A non-streamed reply: wait until every choice is done (cancelled if the client hangs up first)."""
+    watcher = asyncio.create_task(_watch_disconnect(request, engine, reqs, waker))
+    try:
+        while not all(r.done for r in reqs):
+            await waker.wait(lambda: all(r.done for r in reqs))
+    finally:
+        watcher.cancel()
+        for r in reqs:
+            if not r.done:
+                engine.cancel(r)
+    failed = next((r for r in reqs if r.finish_reason == "error"), None)
+    if failed is not None:
+        raise APIError(500, f"generation failed: {failed.error}", "server_error")
 
 
 async def _stream(

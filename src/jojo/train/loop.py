@@ -142,6 +142,7 @@ class Run:
     t_window: float = 0.0
     tok_window: int = 0
     elapsed_before: float = 0.0  # training seconds of the run before this process (a resumed run)
+    warmup_elapsed: float | None = None  # under a time budget: training seconds when warm-up ended
     t_start: float = 0.0
 
     @property
@@ -249,6 +250,8 @@ def restore(run: Run, resume_from: Path) -> None:
     run.best_val = meta.get("best_val_loss", math.inf) or math.inf
     run.tokens_seen = meta.get("tokens_seen", 0)
     run.elapsed_before = meta.get("elapsed", 0.0)
+    # a checkpoint from before this was saved: its decay is taken to have started at 0 s, as it did then
+    run.warmup_elapsed = meta.get("warmup_elapsed", 0.0 if run.step >= run.cfg.schedule.warmup_steps else None)
     if run.cfg.schedule.max_seconds and run.elapsed_before >= run.cfg.schedule.max_seconds:
         raise JojoError(
             f"the checkpoint is at {run.elapsed_before:.0f} s, already at the time budget of "
@@ -280,6 +283,19 @@ def open_monitor(run: Run, resumed: bool, quiet: bool) -> None:
         run.bar = tqdm(total=total, initial=run.step, desc="train", dynamic_ncols=True, leave=True)
 
 
+def budget_progress(run: Run) -> float | None:
+    """Under a time budget, the fraction of the time after warm-up that has passed (None without a budget).
+    Warm-up is counted in steps, so the decay starts from the peak LR wherever warm-up ended on the clock."""
+    budget = run.cfg.schedule.max_seconds
+    if not budget:
+        return None
+    if run.step < run.cfg.schedule.warmup_steps:
+        return 0.0
+    if run.warmup_elapsed is None:
+        run.warmup_elapsed = run.elapsed
+    return (run.elapsed - run.warmup_elapsed) / max(budget - run.warmup_elapsed, 1e-9)
+
+
 def optimizer_step(run: Run) -> None:
     """One optimizer step: the LR from the schedule, `grad_accum` micro-batches, clip, step.
 
@@ -289,8 +305,7 @@ def optimizer_step(run: Run) -> None:
     scaled by its share of the step's tokens (times the world size, since DDP/FSDP average gradients over ranks)."""
     cfg, rt, opt = run.cfg, run.rt, run.optimizer
     accum = cfg.optimizer.grad_accum
-    budget = cfg.schedule.max_seconds
-    mult = lr_multiplier(run.step, run.steps, cfg.schedule, run.elapsed / budget if budget else None)
+    mult = lr_multiplier(run.step, run.steps, cfg.schedule, budget_progress(run))
     for group in opt.param_groups:
         group["lr"] = group["base_lr"] * mult
     batches = [run.train_source.next_batch() for _ in range(accum)]
@@ -417,6 +432,7 @@ def save(run: Run, val_loss: float | None, is_best: bool) -> None:
         "val_loss": val_loss,
         "tokens_seen": run.tokens_seen,
         "elapsed": run.elapsed,
+        "warmup_elapsed": run.warmup_elapsed,
         "data": run.train_source.state_dict(),
         "run_config": run.cfg.to_dict(),
         **(run.extra_state or {}),

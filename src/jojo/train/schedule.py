@@ -1,6 +1,6 @@
 """Learning-rate schedules: a multiplier of the peak LR as a function of the step (or, under a time budget,
-of the elapsed fraction of the budget: `progress`, so warm-up, decay and the end land at the deadline whatever
-the machine's speed; warm-up stays in steps).
+of `progress`, the fraction of the budget left after warm-up that has passed, so the decay and the end land at
+the deadline whatever the machine's speed; warm-up stays in steps).
 
 - cosine:   linear warmup, then cosine decay from 1 to min_lr_ratio at the last step.
 - wsd:      warmup-stable-decay: linear warmup, constant, then a linear decay to min_lr_ratio over the last
@@ -37,8 +37,8 @@ def lr_multiplier(step: int, total_steps: int, cfg: ScheduleConfig, progress: fl
 
 
 def _by_progress(step: int, cfg: ScheduleConfig, progress: float) -> float:
-    """The schedule over a fraction of a time budget: warm-up for `warmup_steps` steps, then the decay shape
-    over the fraction of the budget in [0, 1] (cosine over all of it; wsd over its last `decay_fraction`)."""
+    """The schedule over a time budget: warm-up for `warmup_steps` steps, then the decay shape over `progress`
+    in [0, 1], the time after warm-up (cosine over all of it; wsd over its last `decay_fraction`)."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.decay == "constant":
