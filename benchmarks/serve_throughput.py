@@ -4,10 +4,11 @@ The model is set up as in benchmarks/generate_throughput.py (random init, 6 laye
 context 512, fp32 on CPU), written as a Jojo checkpoint, exported with `jojo.export.hf.export_hf` and loaded back
 by transformers' `AutoModelForCausalLM`: every contender runs the same weights.
 
-`jojo serve` runs as a child process (`python -m jojo.cli serve CKPT`), this process is the HTTP client (httpx,
-server-sent events, greedy, `ignore_eos` so every request makes exactly --new-tokens tokens). Contenders, taking
-turns in each of --repeats rounds after a warm-up round (a shared machine's speed drifts between rounds more than
-within one):
+`jojo serve` runs as a child process (`python -m jojo.cli serve CKPT`), this process is the HTTP client (a minimal
+asyncio HTTP/1.1 client written here, so that the client, which shares the CPU with the server, costs as little
+as possible; server-sent events, greedy, `ignore_eos` so every request makes exactly --new-tokens tokens).
+Contenders, taking turns in each of --repeats rounds after a warm-up round (a shared machine's speed drifts
+between rounds more than within one):
 
 - serve x1:      one streamed completion;
 - serve x8:      eight streamed completions of eight different prompts, sent --stagger seconds apart, so the
@@ -30,6 +31,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -69,39 +71,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def stream_one(client, url: str, prompt: str, n: int, delay: float) -> tuple[float, float, float, int]:
-    """-> (sent, first text chunk, last chunk, completion tokens), perf_counter times.
+FIRST_TEXT = re.compile(rb'"text":"[^"]')  # a completion chunk with text (an empty one carries "text":"")
 
-    The client shares the 2 cores with the server, so it stays light: it decodes only the usage chunk and spots
-    the first text chunk by its bytes (an empty completion chunk carries '"text":""')."""
+
+async def stream_one(host: str, port: int, prompt: str, n: int, delay: float) -> tuple[float, float, float, int]:
+    """-> (sent, first text chunk, last byte, completion tokens), perf_counter times.
+
+    The client shares the 2 cores with the server, so it is as light as a client can be: one HTTP/1.1 request on
+    its own connection (`Connection: close`) written by hand, the streamed body read in whatever pieces the socket
+    gives until the server closes, the first text chunk spotted by its bytes, and only the usage chunk decoded at
+    the end (an httpx client parsing every SSE line cost about as much CPU as the server's event loop)."""
     await asyncio.sleep(delay)
-    body = {
+    body = json.dumps({
         "prompt": prompt,
         "max_tokens": n,
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
-    }
+    }).encode()  # fmt: skip
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()  # fmt: skip
     sent = time.perf_counter()
-    first = last = 0.0
-    tokens = 0
-    async with client.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if '"usage":{' in line:
-                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
-            elif line.startswith("data: {") and '"text":""' not in line:
-                last = time.perf_counter()
-                first = first or last
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(head + body)
+    first = 0.0
+    parts = []
+    while True:
+        piece = await reader.read(1 << 16)
+        if not piece:
+            break
+        parts.append(piece)
+        if not first and FIRST_TEXT.search(piece):
+            first = time.perf_counter()
+    last = time.perf_counter()
+    writer.close()
+    raw = b"".join(parts)
+    if not raw.startswith(b"HTTP/1.1 200"):
+        raise SystemExit(f"jojo serve answered: {raw[:300]!r}")
+    usage = raw[raw.rindex(b'"usage":{') + 8 :]
+    tokens = json.loads(usage[: usage.index(b"}") + 1])["completion_tokens"]
     return sent, first, last, tokens
 
 
 async def serve_run(url: str, prompts: list[str], n: int, stagger: float) -> dict:
-    import httpx
-
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=32)) as client:
-        res = await asyncio.gather(*(stream_one(client, url, p, n, i * stagger) for i, p in enumerate(prompts)))
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    res = await asyncio.gather(*(stream_one(host, int(port), p, n, i * stagger) for i, p in enumerate(prompts)))
     start = min(r[0] for r in res)
     end = max(r[2] for r in res)
     return {"tokens": sum(r[3] for r in res), "seconds": end - start, "ttft": [r[1] - r[0] for r in res]}
