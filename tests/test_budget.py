@@ -69,6 +69,32 @@ def test_time_budget_ends_the_run_at_the_deadline(prepared, tmp_path, monkeypatc
         jojo.pretrain(tree, resume=True, quiet=True)
 
 
+def test_time_budget_ends_a_long_warm_up_at_half_the_budget(prepared, tmp_path, monkeypatch):
+    """100 warm-up steps do not fit a 10 s budget at one step a second: warm-up ends at 5 s, then the decay from
+    the peak reaches the floor by the deadline."""
+    from types import SimpleNamespace
+
+    from jojo.train import loop as loop_mod
+
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(loop_mod, "time", SimpleNamespace(time=lambda: clock.now))
+    real_step = loop_mod.optimizer_step
+
+    def step_and_tick(run):
+        real_step(run)
+        clock.now += 1.0
+
+    monkeypatch.setattr(loop_mod, "optimizer_step", step_and_tick)
+    tree = config_tree(prepared, tmp_path / "run", schedule={"max_steps": 0, "max_seconds": 10, "warmup_steps": 100},
+                       logging={"eval_interval": 10_000, "log_interval": 1})  # fmt: skip
+    jojo.pretrain(tree, quiet=True)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if r["event"] == "train"]
+    peak = load_config(None, tree).optimizer.lr
+    assert lrs[:5] == pytest.approx([peak * (s + 1) / 100 for s in range(5)])  # the ramp, cut short at 5 s ...
+    assert lrs[5] == pytest.approx(peak) and lrs[-1] < 0.2 * peak  # ... then from the peak down to the floor
+
+
 def test_plain_progress_lines_when_stderr_is_not_a_terminal(prepared, tmp_path):
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(config_tree(prepared, tmp_path / "run", schedule={"max_steps": 10},

@@ -92,14 +92,14 @@ def test_two_processes_match_one_with_the_same_global_batch(prepared, tmp_path, 
 # ---- optimizers and schedules ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["adamw", "muon"])
-def test_optimizer_drives_loss_down(name):
+@pytest.mark.parametrize("name,compute", [("adamw", torch.float32), ("muon", torch.float32), ("muon", torch.bfloat16)])
+def test_optimizer_drives_loss_down(name, compute):
     torch.manual_seed(0)
     model = GPT(tiny_model_config("llama", vocab_size=64, block_size=16))
     cfg = load_config(None, {"optimizer": {"name": name, "lr": 3e-3, "muon_lr": 0.02}}).optimizer
-    opt = build_optimizer(model, cfg)
+    opt = build_optimizer(model, cfg, compute_dtype=compute)
     if name == "muon":
-        assert type(opt.optimizers[0]).__name__ == "Muon"
+        assert type(opt.optimizers[0]).__name__ == "Muon" and opt.optimizers[0].ns_dtype == compute
     x = torch.randint(0, 64, (4, 17))
     losses = []
     for _ in range(40):
@@ -111,12 +111,14 @@ def test_optimizer_drives_loss_down(name):
     assert losses[-1] < 0.5 * losses[0], losses[::5]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(64, 64), (48, 128), (160, 40)])
-def test_muon_orthogonalisation_against_svd(shape):
+def test_muon_orthogonalisation_against_svd(shape, dtype):
+    # bfloat16: what a run training in bf16 iterates in (Muon's own choice); the result is as orthogonal
     g = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
     u, _, vh = torch.linalg.svd(g, full_matrices=False)
     exact = u @ vh
-    approx = orthogonalize(g)
+    approx = orthogonalize(g, dtype=dtype)
     sv = torch.linalg.svdvals(approx)
     assert sv.min() > 0.6 and sv.max() < 1.25, (sv.min(), sv.max())  # Newton-Schulz's known band ~[0.7, 1.2]
     cos = torch.nn.functional.cosine_similarity(approx.flatten(), exact.flatten(), dim=0)

@@ -228,7 +228,7 @@ def start_run(cfg: TrainConfig, model: GPT, tokenizer, train_source, val_source,
     if compiled and rt.is_main:
         print("compiling the model (torch.compile; the first steps wait for it, --no-compile to skip)",
               file=sys.stderr, flush=True)  # fmt: skip
-    optimizer = build_optimizer(model, cfg.optimizer, rt.device.type)
+    optimizer = build_optimizer(model, cfg.optimizer, rt.device.type, rt.dtype)
     return Run(cfg, model, tokenizer, train_source, val_source, rt, train_model, optimizer, rt.grad_scaler(),
                steps, tokens_per_step, **extra)  # fmt: skip
 
@@ -283,15 +283,19 @@ def open_monitor(run: Run, resumed: bool, quiet: bool) -> None:
         run.bar = tqdm(total=total, initial=run.step, desc="train", dynamic_ncols=True, leave=True)
 
 
+WARMUP_MAX_BUDGET_FRACTION = 0.5  # under a time budget, warm-up ends by half of it even if its steps are not done
+
+
 def budget_progress(run: Run) -> float | None:
     """Under a time budget, the fraction of the time after warm-up that has passed (None without a budget).
-    Warm-up is counted in steps, so the decay starts from the peak LR wherever warm-up ended on the clock."""
+    Warm-up is counted in steps, so the decay starts from the peak LR wherever warm-up ended on the clock; on a
+    machine too slow to finish those steps in half the budget, warm-up ends there, so the decay still happens."""
     budget = run.cfg.schedule.max_seconds
     if not budget:
         return None
-    if run.step < run.cfg.schedule.warmup_steps:
-        return 0.0
     if run.warmup_elapsed is None:
+        if run.step < run.cfg.schedule.warmup_steps and run.elapsed < WARMUP_MAX_BUDGET_FRACTION * budget:
+            return 0.0
         run.warmup_elapsed = run.elapsed
     return (run.elapsed - run.warmup_elapsed) / max(budget - run.warmup_elapsed, 1e-9)
 
@@ -305,7 +309,10 @@ def optimizer_step(run: Run) -> None:
     scaled by its share of the step's tokens (times the world size, since DDP/FSDP average gradients over ranks)."""
     cfg, rt, opt = run.cfg, run.rt, run.optimizer
     accum = cfg.optimizer.grad_accum
-    mult = lr_multiplier(run.step, run.steps, cfg.schedule, budget_progress(run))
+    progress = budget_progress(run)
+    # once warm-up has ended on the clock (at half a budget, before its steps were done), no more ramp
+    step = run.step if run.warmup_elapsed is None else max(run.step, cfg.schedule.warmup_steps)
+    mult = lr_multiplier(step, run.steps, cfg.schedule, progress)
     for group in opt.param_groups:
         group["lr"] = group["base_lr"] * mult
     batches = [run.train_source.next_batch() for _ in range(accum)]

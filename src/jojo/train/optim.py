@@ -22,10 +22,14 @@ from jojo.config import OptimizerConfig
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximate U V^T for G = U S V^T by Newton-Schulz iteration: X <- aX + b(XX^T)X + c(XX^T)^2 X."""
+def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype=torch.float32) -> torch.Tensor:
+    """Approximate U V^T for G = U S V^T by Newton-Schulz iteration: X <- aX + b(XX^T)X + c(XX^T)^2 X.
+
+    dtype: what the iteration computes in. bfloat16 is what Muon's authors use (the result only needs singular
+    values near 1, which the iteration gets to within bf16's precision); on a CPU with native bf16 it halves the
+    time, which at 12M parameters was 0.76 s of a ~1.3 s step in float32."""
     a, b, c = NS_COEFFS
-    x = g.float()
+    x = g.to(dtype)
     transposed = x.shape[0] > x.shape[1]
     if transposed:  # iterate on the wide orientation: the Gram matrix is the smaller one
         x = x.T
@@ -42,8 +46,10 @@ class Muon(torch.optim.Optimizer):
     """SGD with Nesterov momentum whose update is orthogonalised, scaled so its RMS matches AdamW's
     (0.2 * sqrt(max(m, n)), as in Moonshot's Muon scaling), with decoupled weight decay."""
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0, ns_steps: int = 5):
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0, ns_steps: int = 5,
+                 ns_dtype=torch.float32):  # fmt: skip
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps))
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -58,7 +64,7 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 update = p.grad.lerp(buf, group["momentum"])  # Nesterov
-                update = orthogonalize(update, group["ns_steps"])
+                update = orthogonalize(update, group["ns_steps"], dtype=self.ns_dtype)
                 scale = 0.2 * max(p.shape[0], p.shape[1]) ** 0.5
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
@@ -101,8 +107,11 @@ def _adamw(groups, cfg: OptimizerConfig, device_type: str) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, device_type: str = "cpu") -> OptimizerList:
-    """Every param group records its peak LR as `base_lr`; the loop scales `lr` from it each step."""
+def build_optimizer(
+    model: torch.nn.Module, cfg: OptimizerConfig, device_type: str = "cpu", compute_dtype=torch.float32
+) -> OptimizerList:
+    """Every param group records its peak LR as `base_lr`; the loop scales `lr` from it each step. Muon's
+    Newton-Schulz iteration runs in bfloat16 when the run computes in bfloat16 (`compute_dtype`), else float32."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cfg.name == "muon":
         hidden = [p for n, p in named if p.ndim == 2 and n.startswith("blocks.")]
@@ -123,6 +132,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, device_type: s
             lr=cfg.muon_lr,
             momentum=cfg.muon_momentum,
             weight_decay=cfg.weight_decay,
+            ns_dtype=torch.bfloat16 if compute_dtype == torch.bfloat16 else torch.float32,
         )
         optimizers.insert(0, muon)
     return OptimizerList(optimizers)
