@@ -16,7 +16,10 @@ Data (`--corpus`): `tinystories`, the TinyStories excerpt in ../shared/data, pre
 4096 tokens and 5% of its documents held out (`jojo prepare`'s split); or `embedded`, Jojo's generated corpus
 (the quickstart's: 12,000 documents, BPE of 1024) with its own held-out split, whose entropy floor is printed.
 Sizes (`--size`): `tiny` (the tiny preset: gpt2 4 x 128, context 256) and `small` (the small preset: 6 x 384,
-~12M parameters with this vocabulary).
+context 256, ~12M parameters with this vocabulary). The peer always builds GPT-2 blocks of the preset's layers,
+width and heads; Jojo builds the preset's own blocks (GPT-2's for `tiny`; for `small` Llama's: RoPE, RMSNorm,
+SwiGLU with as many MLP weights as GELU's 4x, no biases, tied embeddings), so the two differ by the position
+table and the biases (12.19M vs 12.32M parameters at `small`), both printed.
 
     python benchmarks/learning_curve.py --corpus tinystories --size tiny --budget 120
     python benchmarks/learning_curve.py --corpus tinystories --size small --budget 300
