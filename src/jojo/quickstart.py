@@ -41,7 +41,7 @@ CHAT_FRACTION = 0.5  # of the pretraining corpus (the rest: stories)
 MIN_DOCS = 1500  # below scale 1 the corpus shrinks too (tests run the pipeline at a small scale), to this floor
 VOCAB_SIZE = 1024
 PRETRAIN_SECONDS = 200.0  # the pretraining budget at scale 1 (`--time-budget`): a finished schedule on any machine
-SFT_STEPS = 350  # chat fine-tuning steps at scale 1 (exact match reaches 100% here; the rest of the time pretrains)
+SFT_STEPS = 450  # chat fine-tuning steps at scale 1 (350 gave 97-100% exact match here; 450 for margin)
 STORY_PROMPT = "Once upon a time"
 N_QUESTIONS = 100
 
