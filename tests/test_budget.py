@@ -37,9 +37,10 @@ def test_time_budget_parses_durations():
         load_config(None, ["--time-budget", "soon"])
 
 
-def test_time_budget_ends_the_run_at_the_deadline(prepared, tmp_path, monkeypatch):
-    """A fake clock that advances one second per optimizer step: a 10 s budget is 10 steps whatever this
-    machine's speed, and the cosine reaches its floor at the deadline."""
+@pytest.fixture
+def step_clock(monkeypatch):
+    """The training loop's clock advances one second per optimizer step: a 10 s budget is 10 steps whatever
+    this machine's speed."""
     from types import SimpleNamespace
 
     from jojo.train import loop as loop_mod
@@ -53,6 +54,12 @@ def test_time_budget_ends_the_run_at_the_deadline(prepared, tmp_path, monkeypatc
         clock.now += 1.0
 
     monkeypatch.setattr(loop_mod, "optimizer_step", step_and_tick)
+    return clock
+
+
+def test_time_budget_ends_the_run_at_the_deadline(prepared, tmp_path, step_clock):
+    """A fake clock that advances one second per optimizer step: a 10 s budget is 10 steps whatever this
+    machine's speed, and the cosine reaches its floor at the deadline."""
     tree = config_tree(prepared, tmp_path / "run", schedule={"max_steps": 0, "max_seconds": 10, "warmup_steps": 2},
                        logging={"eval_interval": 10_000, "log_interval": 1})  # fmt: skip
     result = jojo.pretrain(tree, quiet=True)
@@ -69,22 +76,9 @@ def test_time_budget_ends_the_run_at_the_deadline(prepared, tmp_path, monkeypatc
         jojo.pretrain(tree, resume=True, quiet=True)
 
 
-def test_time_budget_ends_a_long_warm_up_at_half_the_budget(prepared, tmp_path, monkeypatch):
+def test_time_budget_ends_a_long_warm_up_at_half_the_budget(prepared, tmp_path, step_clock):
     """100 warm-up steps do not fit a 10 s budget at one step a second: warm-up ends at 5 s, then the decay from
     the peak reaches the floor by the deadline."""
-    from types import SimpleNamespace
-
-    from jojo.train import loop as loop_mod
-
-    clock = SimpleNamespace(now=0.0)
-    monkeypatch.setattr(loop_mod, "time", SimpleNamespace(time=lambda: clock.now))
-    real_step = loop_mod.optimizer_step
-
-    def step_and_tick(run):
-        real_step(run)
-        clock.now += 1.0
-
-    monkeypatch.setattr(loop_mod, "optimizer_step", step_and_tick)
     tree = config_tree(prepared, tmp_path / "run", schedule={"max_steps": 0, "max_seconds": 10, "warmup_steps": 100},
                        logging={"eval_interval": 10_000, "log_interval": 1})  # fmt: skip
     jojo.pretrain(tree, quiet=True)
