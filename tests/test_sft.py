@@ -180,6 +180,7 @@ def test_sft_runs_through_fit_from_the_checkpoint(tmp_path, base_ckpt):
     model, tok, state = load_checkpoint(out)
     assert model.config.block_size == 128  # the checkpoint's, not the preset's
     assert state["sft"]["packing"] is True and state["sft"]["lora"] is None
+    assert json.loads((out / "run_config.json").read_text())["system"]["compile"] is False  # auto: SFT not compiled
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(r["event"] == "eval" for r in rows)
 

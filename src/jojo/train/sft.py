@@ -401,6 +401,10 @@ def run_sft(
         if resume_from is not None and rt.is_main and not quiet:
             say(resume_line(cfg, state, overrides, resume_from))
         cfg = dataclasses.replace(cfg, model=model.config)
+        if cfg.system.compile is None:
+            # auto: no compiling for SFT. Its batches vary in length (dynamic shapes: recompiles, and with torch
+            # 2.13's inductor on CPU a RoPE model's compiled backward failed a stride check); --compile still asks.
+            cfg = dataclasses.replace(cfg, system=dataclasses.replace(cfg.system, compile=False))
         if not cfg.lora.rank:  # the estimate counts gradients and AdamW moments for every weight: not LoRA's case
             check_memory(cfg, rt, loaded=model)
         data, train_src, val_src, stats = _sft_sources(cfg, tok, rt, say)
