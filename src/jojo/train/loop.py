@@ -309,10 +309,8 @@ def optimizer_step(run: Run) -> None:
     scaled by its share of the step's tokens (times the world size, since DDP/FSDP average gradients over ranks)."""
     cfg, rt, opt = run.cfg, run.rt, run.optimizer
     accum = cfg.optimizer.grad_accum
-    progress = budget_progress(run)
-    # once warm-up has ended on the clock (at half a budget, before its steps were done), no more ramp
-    step = run.step if run.warmup_elapsed is None else max(run.step, cfg.schedule.warmup_steps)
-    mult = lr_multiplier(step, run.steps, cfg.schedule, progress)
+    progress = budget_progress(run)  # sets warmup_elapsed when warm-up ends on the clock
+    mult = lr_multiplier(run.step, run.steps, cfg.schedule, progress, warmup_over=run.warmup_elapsed is not None)
     for group in opt.param_groups:
         group["lr"] = group["base_lr"] * mult
     batches = [run.train_source.next_batch() for _ in range(accum)]

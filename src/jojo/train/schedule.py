@@ -16,9 +16,11 @@ import math
 from jojo.config import ScheduleConfig
 
 
-def lr_multiplier(step: int, total_steps: int, cfg: ScheduleConfig, progress: float | None = None) -> float:
+def lr_multiplier(
+    step: int, total_steps: int, cfg: ScheduleConfig, progress: float | None = None, warmup_over: bool = False
+) -> float:
     if progress is not None:
-        return _by_progress(step, cfg, progress)
+        return _by_progress(step, cfg, progress, warmup_over)
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     if warmup and step < warmup:
         return (step + 1) / warmup
@@ -36,10 +38,11 @@ def lr_multiplier(step: int, total_steps: int, cfg: ScheduleConfig, progress: fl
     return 1.0 - (1.0 - lo) * progress
 
 
-def _by_progress(step: int, cfg: ScheduleConfig, progress: float) -> float:
-    """The schedule over a time budget: warm-up for `warmup_steps` steps, then the decay shape over `progress`
-    in [0, 1], the time after warm-up (cosine over all of it; wsd over its last `decay_fraction`)."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
+def _by_progress(step: int, cfg: ScheduleConfig, progress: float, warmup_over: bool = False) -> float:
+    """The schedule over a time budget: warm-up for `warmup_steps` steps (or until the caller says it is over:
+    the loop ends it by half the budget), then the decay shape over `progress` in [0, 1], the time after warm-up
+    (cosine over all of it; wsd over its last `decay_fraction`)."""
+    if not warmup_over and cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.decay == "constant":
         return 1.0
