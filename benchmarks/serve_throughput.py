@@ -11,8 +11,11 @@ Contenders, taking turns in each of --repeats rounds after a warm-up round (a sh
 between rounds more than within one):
 
 - serve x1:      one streamed completion;
-- serve x8:      eight streamed completions of eight different prompts, sent --stagger seconds apart, so the
-                 later ones join a batch that is already decoding (their prefill interleaves with its steps);
+- serve x8:      eight streamed completions of eight different prompts, sent together (as transformers gets its
+                 eight prompts together in one batch);
+- serve x8 staggered: the same eight sent --stagger seconds apart, so the later ones join a batch that is already
+                 decoding (their prefill interleaves with its steps): continuous batching, and the time to first
+                 token of a request arriving under load;
 - transformers:  `model.generate` on the same eight prompts as one left-padded batch, greedy, no stop token,
                  and on the first prompt alone (x1);
 - engine x1/x8:  the same two through `BatchEngine.generate_many` in this process (no HTTP), for reference.
@@ -132,7 +135,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--new-tokens", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--stagger", type=float, default=0.05, help="seconds between the 8 streams' arrivals")
+    ap.add_argument("--stagger", type=float, default=0.05, help="seconds between arrivals in 'serve x8 staggered'")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads, both sides (0 = torch's default)")
     ap.add_argument("--no-engine", action="store_true", help="skip the in-process engine rows")
     ap.add_argument("--stream-interval", type=float, default=None, help="jojo serve --stream-interval (default its)")
@@ -220,7 +223,8 @@ def main() -> None:
 
         contenders = {
             "serve x1": lambda: asyncio.run(serve_run(url, PROMPTS[:1], args.new_tokens, 0.0)),
-            "serve x8": lambda: asyncio.run(serve_run(url, PROMPTS, args.new_tokens, args.stagger)),
+            "serve x8": lambda: asyncio.run(serve_run(url, PROMPTS, args.new_tokens, 0.0)),
+            "serve x8 staggered": lambda: asyncio.run(serve_run(url, PROMPTS, args.new_tokens, args.stagger)),
             "transformers x8 (padded batch)": lambda: run_hf(8),
             "transformers x1": lambda: run_hf(1),
         }
@@ -260,7 +264,8 @@ def main() -> None:
         print(f"{name:<32} {statistics.median(v):8.1f} tokens/s{extra}")
     print(f"serve x8 / serve x1:              {ratio('serve x8', 'serve x1')}   (target >= 4x)")
     print(f"serve x8 / transformers x8:       {ratio('serve x8', 'transformers x8 (padded batch)')}   (target >= 2x)")
-    print(f"serve x1 / transformers x1:       {ratio('serve x1', 'transformers x1')}")
+    print(f"serve x1 / transformers x1:       {ratio('serve x1', 'transformers x1')}   (target >= 2x)")
+    print(f"serve x8 staggered / serve x1:    {ratio('serve x8 staggered', 'serve x1')}")
     if engine is not None:
         print(f"engine x1 / transformers x1:      {ratio('engine x1 (no HTTP)', 'transformers x1')}")
         print(f"engine x8 / engine x1:            {ratio('engine x8 (no HTTP)', 'engine x1 (no HTTP)')}")

@@ -7,10 +7,11 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import tiny_model_config
 from jojo.infer.batch import BatchEngine, BatchKVCache, QueueFull, Request, convert_for_batches
-from jojo.infer.decode import convert_for_decoding
+from jojo.infer.decode import DecodeStep, convert_for_decoding, onednn_linear
 from jojo.infer.engine import SamplingConfig, generate_stream
 from jojo.model import GPT
 from jojo.tokenizer import byte_level_alphabet
@@ -80,6 +81,55 @@ def test_rows_at_different_positions_give_the_single_sequence_logits(family, tok
         for row, p in enumerate((a, b)):
             alone, _ = model(torch.tensor([p + [int(nxt[row])]]))
             torch.testing.assert_close(both[row, -1], alone[0, -1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("converted", [False, True])
+def test_decode_step_computes_the_model_forward_for_one_row_and_for_several(family, converted, tokenizer):
+    """`DecodeStep` writes out `GPT.forward` for one new token per row: the same logits bit for bit for a lone row
+    (a `KVCache`, as generate_stream decodes), and to float rounding for rows at different positions (the batched
+    engine's cache, where a converted gpt2 fuses its GELU into the oneDNN product)."""
+    model = make_model(family, tokenizer)
+    if converted:
+        kernel = "onednn" if torch.backends.mkldnn.is_available() else "linear"
+        model = convert_for_batches(convert_for_decoding(model), 3, kernel=kernel)
+    step = DecodeStep(model)
+    prompts = prompts_of(tokenizer, [7, 12, 3], seed=5)
+    with torch.inference_mode():
+        caches = [model.new_cache(1, 32) for _ in range(2)]
+        for c in caches:
+            model(torch.tensor([prompts[0]]), cache=c)
+        for t, token in enumerate([4, 9, 2, 30]):
+            ids, pos = torch.tensor([[token]]), torch.tensor([[len(prompts[0]) + t]])
+            expected, _ = model(ids, cache=caches[0], last_only=True)
+            assert torch.equal(step(ids, pos, caches[1]), expected)
+        # three rows at positions 7, 12 and 3, decoded together: each as if alone
+        cache = BatchKVCache(model.config, 3, 32)
+        for row, p in enumerate(prompts):
+            cache.plan_prefill(row, 0, len(p))
+            model(torch.tensor([p]), cache=cache, positions=torch.arange(len(p)).view(1, -1))
+        nxt = torch.tensor([[5], [7], [11]])
+        pos = torch.tensor([len(p) for p in prompts])
+        span = int(pos.max()) + 1
+        cache.plan_decode(pos, span)
+        hidden = (torch.arange(span).view(1, -1) > pos.view(3, 1)).view(3, 1, 1, span)
+        mask = torch.zeros(3, 1, 1, span).masked_fill_(hidden, float("-inf"))
+        both = step(nxt, pos.view(3, 1), cache, mask)
+        for row, p in enumerate(prompts):
+            alone, _ = model(torch.tensor([p + [int(nxt[row])]]))
+            torch.testing.assert_close(both[row, -1], alone[0, -1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
+def test_fused_gelu_is_gpt2s_tanh_gelu():
+    """The batched decode step of a gpt2 runs its first MLP product and GELU as one oneDNN kernel: GPT-2's tanh
+    approximation (GeluMLP's), not the erf GELU, on activations where the two differ."""
+    torch.manual_seed(0)
+    w, b, x = torch.randn(64, 32), torch.randn(64), 3 * torch.randn(4, 1, 32)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, 4)
+    fused = onednn_linear(x, packed, b, "gelu", "tanh")
+    torch.testing.assert_close(fused, F.gelu(F.linear(x, w, b), approximate="tanh"), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fused, F.gelu(F.linear(x, w, b)), rtol=1e-5, atol=1e-5)
 
 
 def test_seeded_sampling_and_repetition_penalty_match_single_sequence(tokenizer):

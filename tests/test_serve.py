@@ -5,6 +5,7 @@ headless Chromium (skipped when no chromium is installed: `apt-get install chrom
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import socket
@@ -56,15 +57,20 @@ class Recorder:
         return await self.app(scope, recording_receive, send)
 
 
-class SlowModel:
-    """Wraps a model so each forward pass takes at least `delay` seconds (to make streams observably long)."""
+@contextlib.contextmanager
+def slow_steps(engine: BatchEngine, delay: float):
+    """Each engine step takes at least `delay` seconds more (to make streams observably long)."""
+    real = engine.step
 
-    def __init__(self, model, delay: float):
-        self.model, self.delay = model, delay
+    def step():
+        time.sleep(delay)
+        real()
 
-    def __call__(self, *args, **kwargs):
-        time.sleep(self.delay)
-        return self.model(*args, **kwargs)
+    engine.step = step  # the engine's thread looks the method up at every step
+    try:
+        yield
+    finally:
+        del engine.step
 
 
 @pytest.fixture(scope="module")
@@ -305,9 +311,7 @@ def test_limits_on_body_size_and_unknown_routes(server):
 
 def test_a_client_that_hangs_up_frees_its_row(server):
     engine = server.engine
-    real = engine.model
-    engine.model = SlowModel(real, 0.01)  # ~100 tokens/s: the stream is still running when the client leaves
-    try:
+    with slow_steps(engine, 0.01):  # ~100 tokens/s: the stream is still running when the client leaves
         before = engine.stats()["requests_finished"]["cancelled"]
         body = {"model": MODEL, "prompt": "Once", "max_tokens": 200, "temperature": 0, "stream": True}
         with httpx.stream(
@@ -327,8 +331,6 @@ def test_a_client_that_hangs_up_frees_its_row(server):
         s = engine.stats()
         assert s["requests_finished"]["cancelled"] == before + 1 and s["running"] == 0
         assert metrics(server)['jojo_requests_finished_total{reason="cancelled"}'] == before + 1
-    finally:
-        engine.model = real
 
 
 def _asgi_client(app):
@@ -387,7 +389,6 @@ def test_full_queue_answers_429(ckpt):
 def test_streams_are_paced_into_fewer_larger_chunks(ckpt):
     model, tok, _ = load_checkpoint(ckpt)
     engine = BatchEngine(model, tok, max_batch=2).start()
-    engine.model = SlowModel(engine.model, 0.004)
     body = {"prompt": "Once", "max_tokens": 40, "temperature": 0, "ignore_eos": True, "stream": True}
 
     async def chunks(interval: float) -> list[str]:
@@ -398,12 +399,37 @@ def test_streams_are_paced_into_fewer_larger_chunks(ckpt):
         return [e["choices"][0]["text"] for e in events if e["choices"] and e["choices"][0]["text"]]
 
     try:
-        every = asyncio.run(chunks(0.0))
-        paced = asyncio.run(chunks(0.05))
+        with slow_steps(engine, 0.004):
+            every = asyncio.run(chunks(0.0))
+            paced = asyncio.run(chunks(0.05))
     finally:
         engine.close()
     assert "".join(paced) == "".join(every)
     assert len(every) >= 30 and len(paced) <= len(every) // 3
+
+
+def test_a_paced_stream_ends_as_soon_as_its_text_does(ckpt):
+    """The pause between two chunks is cut short when a choice finishes: its last text, finish_reason, usage and
+    [DONE] go out at once, not at the next tick of the pace."""
+    model, tok, _ = load_checkpoint(ckpt)
+    engine = BatchEngine(model, tok, max_batch=2).start()
+    app = create_app(ServeSettings(stream_interval=3.0), engine=engine, model_id=MODEL)
+    body = {"prompt": "Once", "max_tokens": 30, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+
+    async def go() -> tuple[float, str]:
+        async with _asgi_client(app) as ac:
+            t0 = time.perf_counter()
+            r = await ac.post("/v1/completions", json=body)
+            return time.perf_counter() - t0, r.text
+
+    try:
+        with slow_steps(engine, 0.01):  # ~0.3 s of generation, well inside one 3 s pause
+            seconds, text = asyncio.run(go())
+    finally:
+        engine.close()
+    assert seconds < 2.0, f"the stream took {seconds:.2f} s: its end waited for the pace"
+    assert text.rstrip().endswith("data: [DONE]") and '"completion_tokens":30' in text
 
 
 def test_cors_is_off_unless_an_origin_is_given(ckpt):
@@ -477,7 +503,6 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def test_chat_page_streams_uses_the_sliders_clears_and_survives_a_reload(server):
     sync_api = pytest.importorskip("playwright.sync_api")
     engine = server.engine
-    real = engine.model
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
@@ -496,16 +521,13 @@ def test_chat_page_streams_uses_the_sliders_clears_and_survives_a_reload(server)
             page.evaluate("""() => { window.__updates = 0;
                 new MutationObserver(() => window.__updates++).observe(document.getElementById('messages'),
                     {subtree: true, childList: true, characterData: true}); }""")
-            engine.model = SlowModel(real, 0.02)
-            try:
+            with slow_steps(engine, 0.02):
                 page.fill("#input", "Hello there")
                 page.press("#input", "Enter")
                 page.wait_for_function(
                     "document.querySelector('.msg.assistant .bubble') && !document.querySelector('.bubble.pending')",
                     timeout=30000,
                 )
-            finally:
-                engine.model = real
             reply = page.text_content(".msg.assistant .bubble")
             assert page.evaluate("window.__updates") >= 4
             body = server.recorder.bodies[-1]

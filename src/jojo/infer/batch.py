@@ -78,7 +78,7 @@ import torch
 import torch.nn.functional as F
 
 from jojo.errors import JojoError
-from jojo.infer.decode import DecodeLinear, DecodeSwiGLU, convert_for_decoding
+from jojo.infer.decode import DecodeLinear, DecodeStep, DecodeSwiGLU, convert_for_decoding, onednn_linear
 from jojo.infer.engine import SamplingConfig, StopMatcher, pick, process_logits
 from jojo.model import GPT
 from jojo.tokenizer import byte_level_alphabet
@@ -285,10 +285,6 @@ class Result:
         }
 
 
-def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
 def _several_rows_of_one(x: torch.Tensor) -> bool:
     """A batched decode step's input: [B > 1, 1, C] (not a prefill chunk [1, T, C], not a lone row)."""
     return x.dim() == 3 and x.shape[1] == 1 and x.shape[0] > 1
@@ -303,7 +299,7 @@ class BatchDecodeLinear(DecodeLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and _several_rows_of_one(x):
-            return _onednn_linear(x, self.packed, self.bias)
+            return onednn_linear(x, self.packed, self.bias)
         return super().forward(x)
 
 
@@ -315,7 +311,7 @@ class BatchDecodeSwiGLU(DecodeSwiGLU):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None or not _several_rows_of_one(x):
             return super().forward(x)
-        gate, up = _onednn_linear(x, self.packed, self.bias).view(*x.shape[:-1], 2, -1).unbind(-2)
+        gate, up = onednn_linear(x, self.packed, self.bias).view(*x.shape[:-1], 2, -1).unbind(-2)
         return self.proj(F.silu(gate) * up)
 
 
@@ -354,7 +350,7 @@ def convert_for_batches(model: GPT, rows: int, kernel: str = "auto") -> GPT:
         if shape not in chosen:
             x = torch.randn(rows, 1, weight.shape[1])
             with torch.inference_mode():
-                ours = _time_median(lambda: _onednn_linear(x, packed, None))
+                ours = _time_median(lambda: onednn_linear(x, packed, None))
                 plain = _time_median(lambda: F.linear(x, weight))
             chosen[shape] = ours < plain
         return chosen[shape]
@@ -412,6 +408,7 @@ class BatchEngine:
             raise JojoError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
         self.model = convert_for_batches(convert_for_decoding(model), max_batch) if convert else model
         self.model.eval()
+        self._decode_step = DecodeStep(self.model)  # the forward of a decode step, without the module machinery
         self.tok = tokenizer
         self.cfg = model.config
         self.block = self.cfg.block_size
@@ -679,9 +676,15 @@ class BatchEngine:
             self.cache.plan_prefill(0, pos_list[0], 1)
         else:
             self.cache.plan_decode(pos, span)
-        # One row: no mask, its whole cache is visible (generate_stream's decode step, bit for bit).
-        mask = None if B == 1 else (self._arange[:span].view(1, span) <= pos.view(B, 1)).view(B, 1, 1, span)
-        logits, _ = self.model(tokens, cache=self.cache, positions=pos.view(B, 1), attn_mask=mask, last_only=True)
+        # One row: no mask, its whole cache is visible (generate_stream's decode step, bit for bit). Several: an
+        # additive mask (0 where row b may look, -inf past its position), made once here rather than converted
+        # from a boolean one by every layer's attention (the same numbers: SDPA turns a boolean mask into this).
+        mask = None
+        if B > 1:
+            hidden = (self._arange[:span].view(1, span) > pos.view(B, 1)).view(B, 1, 1, span)
+            mask = torch.zeros(B, 1, 1, span, dtype=self.cache.k.dtype, device=self.device)
+            mask.masked_fill_(hidden, float("-inf"))
+        logits = self._decode_step(tokens, pos.view(B, 1), self.cache, mask)
         for r in rows:
             r._cached += 1
         picked = self._sample_rows(logits[:, -1], rows)

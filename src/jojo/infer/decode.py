@@ -18,6 +18,11 @@ parameter names and values: when the winner needs the transposed layout, the wei
 transposed copy (one storage, so memory is not doubled, and an in-place change of the weight is seen by both).
 SwiGLU's gate and up read the same input: they are laid side by side in one copy, one product for both.
 
+`DecodeStep(model)` runs `GPT.forward` for one new token per row without the module machinery:
+the same operations on the same tensors in the same order (the same numbers; the tests compare the logits),
+minus the per-call bookkeeping of ~60 module calls and the forward's checks for other shapes, which on CPU cost
+about a fifth of a 12M-parameter model's step.
+
 A converted model is for inference only (its parameters no longer require gradients). The conversion applies to
 float32 models on CPU; on other devices or dtypes it returns the model unchanged. Batches of several rows
 (prefill, batched decoding) take `F.linear` on the same storage.
@@ -25,13 +30,15 @@ float32 models on CPU; on other devices or dtypes it returns the model unchanged
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from jojo.model import GPT, SwiGLU
+from jojo.model import GPT, GeluMLP, SwiGLU, apply_rope
 
 KERNELS = ("linear", "matmul", "bag")
 _FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines  # x86 builds: FBGEMM's embedding-bag kernels
@@ -185,3 +192,103 @@ def convert_for_decoding(model: GPT, kernel: str = "auto") -> GPT:
                     setattr(module, child_name, _convert_linear(child, choose(child.weight)))
     model.decode_kernels = {f"{o}x{i}": k for (o, i), k in chosen.items()}
     return model
+
+
+def onednn_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, post: str = "none", algorithm: str = ""
+) -> torch.Tensor:
+    """x @ W^T + bias by oneDNN on its packed copy of W (`torch.ops.mkldnn._reorder_linear_weight`), then the
+    elementwise `post` op fused into the same kernel ("gelu" with algorithm "tanh": GPT-2's GELU)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, post, [], algorithm)
+
+
+def _product(layer: nn.Linear, several: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`layer.forward` for an input [B, 1, in] as a plain function, its kernel resolved now: one row (several
+    False) by the layer's one-row kernel, several rows by its oneDNN-packed copy when it has one (see
+    `jojo.infer.batch.convert_for_batches`), otherwise `F.linear`."""
+    bias = layer.bias
+    packed = getattr(layer, "packed", None) if several else None
+    wt = None if several else getattr(layer, "wt", None)
+    if packed is not None:
+        return lambda x: onednn_linear(x, packed, bias)
+    if wt is None:
+        weight = layer.weight
+        return lambda x: F.linear(x, weight, bias)
+    kernel, out = layer.kernel, layer.out_features
+
+    def one(x: torch.Tensor) -> torch.Tensor:
+        y = one_row(wt, x, kernel)
+        return (y if bias is None else y.add_(bias)).view(1, 1, out)
+
+    return one
+
+
+def _norm(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    if type(norm) is nn.LayerNorm:
+        return functools.partial(F.layer_norm, normalized_shape=norm.normalized_shape, weight=norm.weight,
+                                 bias=norm.bias, eps=norm.eps)  # fmt: skip
+    return norm.forward
+
+
+def _mlp(mlp: nn.Module, several: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The block's MLP for an input [B, 1, C]. GPT-2's (GeluMLP.forward with its products resolved; for several
+    rows with a packed first product, the GELU fused into that product's kernel); SwiGLU: its own forward."""
+    if not isinstance(mlp, GeluMLP):
+        return mlp.forward
+    fc, proj = _product(mlp.fc, several), _product(mlp.proj, several)
+    packed, bias = getattr(mlp.fc, "packed", None) if several else None, mlp.fc.bias
+    if packed is not None:
+        return lambda x: proj(onednn_linear(x, packed, bias, "gelu", "tanh"))
+    return lambda x: proj(F.gelu(fc(x), approximate="tanh"))
+
+
+class DecodeStep:
+    """`GPT.forward(idx, cache=..., positions=..., attn_mask=..., last_only=True)` for one new token per row.
+
+    The model's own modules do the work (each linear layer, norm and MLP through its `forward`, so a converted
+    model's kernels are used), but the block and attention structure is written out here for T = 1, skipping
+    `nn.Module.__call__` and the shape handling a longer input needs. For inference (no dropout); works for any
+    GPT (converted or not, any device or dtype). idx: [B, 1] token ids; pos: [B, 1] their positions; cache: a `KVCache` or the batched
+    engine's cache (anything with `store(layer, k, v)` and `advance(n)`); mask: None (every stored key is seen)
+    or [B, 1, 1, S] over the keys `store` returns. Returns logits [B, 1, V]."""
+
+    def __init__(self, model: GPT):
+        cfg = model.config
+        self.model = model
+        self.H, self.KV, self.D, self.C = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_embd
+        self.rope = model.wpe is None
+        # each block's parts as plain functions, for one row ([0]) and for several ([1]); kernels resolved now
+        self.layers = [
+            [
+                (_norm(b.norm1), _product(b.attn.qkv, several), _product(b.attn.proj, several), _norm(b.norm2),
+                 _mlp(b.mlp, several))  # fmt: skip
+                for b in model.blocks
+            ]
+            for several in (False, True)
+        ]
+        self.norm_f = _norm(model.norm_f)
+        self.head = [_product(model.lm_head, several) for several in (False, True)]
+
+    def __call__(self, idx, pos, cache, mask=None) -> torch.Tensor:
+        m, H, KV, D = self.model, self.H, self.KV, self.D
+        B = idx.shape[0]
+        x = F.embedding(idx, m.wte.weight)
+        if self.rope:
+            rope = (m.rope_cos[pos].unsqueeze(1).to(x.dtype), m.rope_sin[pos].unsqueeze(1).to(x.dtype))
+        else:
+            x = x + F.embedding(pos, m.wpe.weight)
+        gqa = KV != H
+        for i, (norm1, qkv_fn, proj, norm2, mlp) in enumerate(self.layers[B > 1]):
+            qkv = qkv_fn(norm1(x)).view(B, 1, H + 2 * KV, D).transpose(1, 2)
+            if self.rope:
+                q, k = apply_rope(qkv[:, : H + KV], *rope).split([H, KV], dim=1)
+                v = qkv[:, H + KV :]
+            else:
+                q, k, v = qkv.split([H, KV, KV], dim=1)
+            k, v = cache.store(i, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            x = x + proj(y.transpose(1, 2).reshape(B, 1, self.C))
+            x = x + mlp(norm2(x))
+        cache.advance(1)
+        return self.head[B > 1](self.norm_f(x))
+

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from jojo.errors import JojoError
+from jojo.infer.decode import DecodeStep
 from jojo.model import GPT
 
 
@@ -99,8 +100,11 @@ def generate_stream(
     n = len(prompt_ids)
     buf = torch.empty(1, cfg.block_size, dtype=torch.long, device=device)  # the context, filled in place
     buf[0, :n] = torch.tensor(prompt_ids, dtype=torch.long)
+    pos = torch.arange(cfg.block_size, device=device).view(1, -1)
     budget = min(sc.max_tokens, cfg.block_size - n)
     cache = model.new_cache(1, cfg.block_size) if use_cache else None
+    # the decode forward as the batched engine runs it for a lone row (a stand-in model: its own forward)
+    step = DecodeStep(model) if isinstance(model, GPT) and use_cache else None
     logits, _ = model(buf[:, :n], cache=cache, last_only=True)
     for _ in range(budget):
         if greedy:
@@ -115,7 +119,9 @@ def generate_stream(
         n += 1
         if n >= cfg.block_size:
             return
-        if use_cache:
+        if step is not None:
+            logits = step(buf[:, n - 1 : n], pos[:, n - 1 : n], cache)
+        elif use_cache:
             logits, _ = model(buf[:, n - 1 : n], cache=cache, last_only=True)
         else:
             logits, _ = model(buf[:, :n], last_only=True)

@@ -161,26 +161,33 @@ class _Waker:
         self.only_done = only_done
         self.event = asyncio.Event()
         self._armed = False
+        self._armed_for_done = False  # this wait wants finished requests only
         self._lock = threading.Lock()
 
     def __call__(self, req=None) -> None:  # engine thread
-        if self.only_done and req is not None and not req.done:
+        news_only = req is not None and not req.done
+        if self.only_done and news_only:
             return
         with self._lock:
-            if not self._armed:
+            if not self._armed or (self._armed_for_done and news_only):
                 return
             self._armed = False
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
             self.loop.call_soon_threadsafe(self.event.set)
 
-    async def wait(self, ready) -> None:
-        """Return at once if ready(), else at the next wake-up (or a disconnect: the watcher sets the event)."""
+    async def wait(self, ready, timeout: float | None = None, done_only: bool = False) -> None:
+        """Return at once if ready(), else at the next wake-up (or a disconnect: the watcher sets the event), or
+        after `timeout` seconds. done_only: wake for a finished request only, not for new text."""
         with self._lock:
             if ready():
                 return
             self.event.clear()
-            self._armed = True
-        await self.event.wait()
+            self._armed, self._armed_for_done = True, done_only
+        if timeout is None:
+            await self.event.wait()
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.event.wait(), timeout)
 
 
 async def _watch_disconnect(request: Request, engine: BatchEngine, reqs: list, waker: _Waker) -> None:
@@ -471,8 +478,10 @@ async def _stream(
         last_sent = 0.0
         while open_:
             await waker.wait(lambda: any(reqs[i].has_news() for i in open_))
-            if interval > 0:
-                await asyncio.sleep(max(0.0, last_sent + interval - time.perf_counter()))
+            if interval > 0:  # pace the chunks, but send a choice's end as soon as it comes
+                pause = last_sent + interval - time.perf_counter()
+                if pause > 0:
+                    await waker.wait(lambda: any(reqs[i].done for i in open_), timeout=pause, done_only=True)
                 last_sent = time.perf_counter()
             for i in sorted(open_):
                 r = reqs[i]
