@@ -259,7 +259,8 @@ class GPT(nn.Module):
         cache:   a KVCache; the new tokens sit at positions cache.pos .. cache.pos+T-1.
         positions, attn_mask: for a cache whose rows are at different positions (a batched engine's): the
                  position of each new token [B, T] and the mask [B, 1, T, S] of the keys each may see (boolean,
-                 or additive: 0 or -inf; S = what `cache.store` returns); the cache's `store` places the keys, `advance` is called after.
+                 or additive: 0 or -inf; S = what `cache.store` returns); the cache's `store` places the keys,
+                 `advance` is called after.
         """
         B, T = idx.shape
         if positions is not None:

@@ -248,9 +248,11 @@ class DecodeStep:
     The model's own modules do the work (each linear layer, norm and MLP through its `forward`, so a converted
     model's kernels are used), but the block and attention structure is written out here for T = 1, skipping
     `nn.Module.__call__` and the shape handling a longer input needs. For inference (no dropout); works for any
-    GPT (converted or not, any device or dtype). idx: [B, 1] token ids; pos: [B, 1] their positions; cache: a `KVCache` or the batched
-    engine's cache (anything with `store(layer, k, v)` and `advance(n)`); mask: None (every stored key is seen)
-    or [B, 1, 1, S] over the keys `store` returns. Returns logits [B, 1, V]."""
+    GPT (converted or not, any device or dtype).
+
+    idx: [B, 1] token ids; pos: [B, 1] their positions; cache: a `KVCache` or the batched engine's cache
+    (anything with `store(layer, k, v)` and `advance(n)`); mask: None (every stored key is seen) or [B, 1, 1, S]
+    over the keys `store` returns. Returns logits [B, 1, V]."""
 
     def __init__(self, model: GPT):
         cfg = model.config
@@ -260,8 +262,13 @@ class DecodeStep:
         # each block's parts as plain functions, for one row ([0]) and for several ([1]); kernels resolved now
         self.layers = [
             [
-                (_norm(b.norm1), _product(b.attn.qkv, several), _product(b.attn.proj, several), _norm(b.norm2),
-                 _mlp(b.mlp, several))  # fmt: skip
+                (
+                    _norm(b.norm1),
+                    _product(b.attn.qkv, several),
+                    _product(b.attn.proj, several),
+                    _norm(b.norm2),
+                    _mlp(b.mlp, several),
+                )
                 for b in model.blocks
             ]
             for several in (False, True)
@@ -291,4 +298,3 @@ class DecodeStep:
             x = x + mlp(norm2(x))
         cache.advance(1)
         return self.head[B > 1](self.norm_f(x))
-
