@@ -28,7 +28,8 @@ unless two logits tie to within rounding. The tests check the tokens on both fam
 and arrival times.
 
 Speed on CPU: the engine converts the model with `convert_for_decoding` (one-row kernels, for a lone row) and
-`convert_for_batches` (oneDNN on prepacked weights for steps of several rows, where faster than MKL); both leave
+`convert_for_batches` (oneDNN on prepacked weights for several rows: batched steps and prompt chunks, where
+faster than MKL); both leave
 the architecture alone and make the model inference-only. The KV cache holds max_batch x context positions.
 
 How to call it:
@@ -285,31 +286,31 @@ class Result:
         }
 
 
-def _several_rows_of_one(x: torch.Tensor) -> bool:
-    """A batched decode step's input: [B > 1, 1, C] (not a prefill chunk [1, T, C], not a lone row)."""
-    return x.dim() == 3 and x.shape[1] == 1 and x.shape[0] > 1
+def _several_rows(x: torch.Tensor) -> bool:
+    """More than one token's row: a batched decode step [B, 1, C] or a prompt chunk [1, T, C] (not a lone row)."""
+    return x.dim() >= 2 and x.numel() != x.shape[-1]
 
 
 class BatchDecodeLinear(DecodeLinear):
-    """A `DecodeLinear` whose batched decode step (several rows of one token) multiplies by a oneDNN-packed copy of
-    the weight; one row and prefill chunks go the `DecodeLinear` way (so a request alone computes exactly what
-    `generate_stream` computes)."""
+    """A `DecodeLinear` that multiplies several rows (a batched decode step, a prompt chunk) by a oneDNN-packed copy
+    of the weight; a lone row goes the `DecodeLinear` way. `generate_stream` on the same converted model computes
+    what a request alone in the engine computes."""
 
     packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and _several_rows_of_one(x):
+        if self.packed is not None and _several_rows(x):
             return onednn_linear(x, self.packed, self.bias)
         return super().forward(x)
 
 
 class BatchDecodeSwiGLU(DecodeSwiGLU):
-    """`DecodeSwiGLU` with its side-by-side gate and up weights packed for oneDNN in batched decode steps."""
+    """`DecodeSwiGLU` with its side-by-side gate and up weights packed for oneDNN, for several rows."""
 
     packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None or not _several_rows_of_one(x):
+        if self.packed is None or not _several_rows(x):
             return super().forward(x)
         gate, up = onednn_linear(x, self.packed, self.bias).view(*x.shape[:-1], 2, -1).unbind(-2)
         return self.proj(F.silu(gate) * up)
@@ -326,16 +327,17 @@ def _time_median(fn, reps: int = 20) -> float:
 
 
 def convert_for_batches(model: GPT, rows: int, kernel: str = "auto") -> GPT:
-    """Give the matrix products of batched decode steps ([rows, 1, C] inputs) oneDNN kernels on prepacked weights,
-    where that is faster than `F.linear` on this machine (timed once per weight shape at `rows` rows; kernel
-    "onednn" or "linear" forces one for every shape).
+    """Give the matrix products of several rows (batched decode steps [rows, 1, C], prompt chunks [1, T, C])
+    oneDNN kernels on prepacked weights, where that is faster than `F.linear` on this machine (timed once per
+    weight shape for a decode step of `rows` rows; kernel "onednn" or "linear" forces one for every shape).
 
     Why: on CPU, `F.linear` goes to MKL's sgemm, which on the 2-core AMD EPYC of BENCHMARKS.md runs a [8, 384] x
     [384, 1536] product at ~60 GFLOP/s and gains nothing from a second thread; oneDNN with the weight reordered
     once into its blocked layout (`torch.ops.mkldnn._reorder_linear_weight`) reaches 120-180 GFLOP/s, so a decode
-    step of 8 rows costs about half. The packed copy is a second copy of each converted weight (memory: the
-    model's matrices once more). Applies to models converted by `convert_for_decoding` (float32 on CPU) with
-    oneDNN available; others are returned unchanged. Idempotent; returns the model."""
+    step of 8 rows costs about half, and a prompt chunk of 16-64 tokens 1.9-2.5x less. The packed copy is a
+    second copy of each converted weight (memory: the model's matrices once more). Applies to models converted
+    by `convert_for_decoding` (float32 on CPU) with oneDNN available; others are returned unchanged. Idempotent;
+    returns the model."""
     if getattr(model, "decode_kernels", None) is None or getattr(model, "batch_kernels", None) is not None:
         return model
     if not torch.backends.mkldnn.is_available():
