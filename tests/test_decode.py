@@ -57,7 +57,8 @@ def test_converted_linear_matches_the_plain_layer_one_row_and_batched(kernel, bi
         assert torch.allclose(converted(x), F.linear(x, -2.0 * ref_w, ref_b), rtol=1e-5, atol=1e-5)
 
 
-def test_swiglu_gate_and_up_in_one_product():
+@pytest.mark.parametrize("kernel", ["auto", *KERNELS])
+def test_swiglu_gate_and_up_in_one_product(kernel):
     torch.manual_seed(0)
     cfg = ModelConfig(family="llama", vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)
     model = GPT(cfg)
@@ -68,9 +69,13 @@ def test_swiglu_gate_and_up_in_one_product():
     def reference(inp):  # the formula with F.linear, no fast path
         return F.linear(F.silu(F.linear(inp, gate_w)) * F.linear(inp, up_w), proj_w)
 
-    convert_for_decoding(model)
+    convert_for_decoding(model, kernel=kernel)
     fused = model.blocks[0].mlp
     assert isinstance(fused, DecodeSwiGLU)
+    # gate and up stay plain views of the shared copy (never converted into copies of their own)
+    assert type(fused.gate) is nn.Linear and type(fused.up) is nn.Linear
+    storage = fused.wt.untyped_storage().data_ptr()
+    assert fused.gate.weight.untyped_storage().data_ptr() == storage == fused.up.weight.untyped_storage().data_ptr()
     # one copy holds gate and up side by side; the layers' weights are views of it (names and values kept)
     assert torch.equal(fused.wt, torch.cat([gate_w.t(), up_w.t()], dim=1))
     assert torch.equal(fused.gate.weight, gate_w) and torch.equal(fused.up.weight, up_w)
@@ -88,6 +93,20 @@ def test_swiglu_gate_and_up_in_one_product():
 def test_pick_kernel_times_every_candidate():
     kernel, times = pick_kernel(torch.randn(64, 32))
     assert kernel in times and set(times) == set(KERNELS) and all(t > 0 for t in times.values())
+
+
+def test_pick_kernel_cold_times_every_weight_of_the_shape_after_an_eviction():
+    calls = []
+    weights = [torch.randn(64, 32) for _ in range(3)]
+    kernel, times = pick_kernel(weights[0], others=tuple(weights[1:]), evict=lambda: calls.append(1))
+    assert kernel in times and set(times) == set(KERNELS) and all(t > 0 for t in times.values())
+    assert len(calls) == 9 * len(KERNELS)  # before every timed pass of every candidate
+    # the model's conversion groups its weights by shape: SwiGLU's gate and up as one matrix per block
+    cfg = ModelConfig(family="llama", vocab_size=96, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    groups = decode._decode_weights(GPT(cfg))
+    hidden = cfg.mlp_hidden
+    assert len(groups[(2 * hidden, 32)]) == 2 and len(groups[(32, hidden)]) == 2
+    assert (hidden, 32) not in groups
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

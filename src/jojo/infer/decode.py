@@ -12,8 +12,10 @@ one row x, each best somewhere:
   (0.9 ms for a 12M-parameter gpt2's 25 products per token on the AMD EPYC VM of BENCHMARKS.md, against 3.1 ms
   with F.linear: 3x; but slower than F.linear on that Xeon).
 
-So `convert_for_decoding(model)` times the candidates once, on the model's own weight shapes and this machine's
-threads (a few milliseconds), and gives each linear layer the winner for its shape. A converted layer keeps its
+So `convert_for_decoding(model)` times the candidates once per weight shape, on all of the model's weights of
+that shape in turn and after reading the rest of the model (as cold as decoding finds them: timed on a weight
+just used, F.linear won some shapes that it lost in the model), with this machine's threads, and gives each
+linear layer the winner for its shape. A converted layer keeps its
 parameter names and values: when the winner needs the transposed layout, the weight becomes a view of the
 transposed copy (one storage, so memory is not doubled, and an in-place change of the weight is seen by both).
 SwiGLU's gate and up read the same input: they are laid side by side in one copy, one product for both.
@@ -121,19 +123,77 @@ def _time(fn, reps: int = 30) -> float:
     return times[len(times) // 2]
 
 
-def pick_kernel(weight: torch.Tensor, candidates: tuple[str, ...] = KERNELS) -> tuple[str, dict[str, float]]:
-    """The fastest one-row kernel for a weight of this shape on this machine, and each candidate's median time."""
+def _time_cold(runs: dict[str, Callable[[], object]], evict: Callable[[], None], reps: int = 9) -> dict[str, float]:
+    """Median time of each run, each timed pass preceded by `evict()` (the candidates take turns)."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(reps):
+        for k, fn in runs.items():
+            evict()
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: sorted(v)[reps // 2] for k, v in times.items()}
+
+
+def pick_kernel(
+    weight: torch.Tensor,
+    candidates: tuple[str, ...] = KERNELS,
+    others: tuple[torch.Tensor, ...] = (),
+    evict: Callable[[], None] | None = None,
+) -> tuple[str, dict[str, float]]:
+    """The fastest one-row kernel for weights of this shape on this machine, and each candidate's median time.
+
+    Timed on `weight` and `others` (of the same shape) in turn, as a model's layers use them; with `evict`, each
+    timing comes after it (`convert_for_decoding` reads the rest of the model there, so the weights come from
+    where decoding finds them: memory, for a model larger than the CPU's caches, where the kernels rank
+    differently than on a weight just used: F.linear's GEMV won some shapes warm and lost them all cold on the
+    AMD EPYC VM of BENCHMARKS.md)."""
+    weights = [weight.detach(), *(w.detach() for w in others)]
     x = torch.randn(1, weight.shape[1])
-    wt = weight.detach().t().contiguous()
+    transposed = [w.t().contiguous() for w in weights]
     run = {
-        "linear": lambda: F.linear(x, weight),
-        "matmul": lambda: one_row(wt, x, "matmul"),
-        "bag": lambda: one_row(wt, x, "bag"),
+        "linear": lambda: [F.linear(x, w) for w in weights],
+        "matmul": lambda: [one_row(wt, x, "matmul") for wt in transposed],
+        "bag": lambda: [one_row(wt, x, "bag") for wt in transposed],
     }
-    usable = [k for k in candidates if k != "bag" or _FBGEMM]
+    usable = {k: run[k] for k in candidates if k != "bag" or _FBGEMM}
     with torch.inference_mode():
-        times = {k: _time(run[k]) for k in usable}
+        times = {k: _time(fn) for k, fn in usable.items()} if evict is None else _time_cold(usable, evict)
     return min(times, key=times.get), times
+
+
+def _evictor(model: GPT, budget: int = 64 << 20) -> Callable[[], None]:
+    """A function that reads the model's parameters, up to `budget` bytes (more than a CPU's last-level cache):
+    what decoding a token does between two uses of the same layer."""
+    params, total = [], 0
+    for p in model.parameters():
+        if total >= budget:
+            break
+        params.append(p)
+        total += p.numel() * p.element_size()
+
+    def evict() -> None:
+        with torch.inference_mode():
+            for p in params:
+                p.sum()
+
+    return evict
+
+
+def _decode_weights(model: GPT) -> dict[tuple[int, int], list[torch.Tensor]]:
+    """The weights `convert_for_decoding` converts, by shape: every linear layer's, except SwiGLU's gate and up,
+    which become one [2 * hidden, in] matrix per block."""
+    groups: dict[tuple[int, int], list[torch.Tensor]] = {}
+    fused = set()
+    for block in model.blocks:
+        if isinstance(block.mlp, SwiGLU):
+            both = torch.cat([block.mlp.gate.weight, block.mlp.up.weight]).detach()
+            groups.setdefault(tuple(both.shape), []).append(both)
+            fused |= {id(block.mlp.gate), id(block.mlp.up)}
+    for module in model.modules():
+        if type(module) is nn.Linear and id(module) not in fused:
+            groups.setdefault(tuple(module.weight.shape), []).append(module.weight.detach())
+    return groups
 
 
 def _convert_linear(layer: nn.Linear, kernel: str) -> DecodeLinear:
@@ -164,13 +224,15 @@ def convert_for_decoding(model: GPT, kernel: str = "auto") -> GPT:
     model.eval()
     for q in model.parameters():
         q.requires_grad_(False)
-    chosen: dict[tuple[int, int], str] = {}
+    groups = _decode_weights(model)
+    if kernel == "auto":  # timed on all the weights of each shape, as cold as decoding finds them
+        evict = _evictor(model)
+        chosen = {shape: pick_kernel(ws[0], others=tuple(ws[1:]), evict=evict)[0] for shape, ws in groups.items()}
+    else:
+        chosen = dict.fromkeys(groups, kernel)
 
     def choose(weight: torch.Tensor) -> str:
-        shape = tuple(weight.shape)
-        if shape not in chosen:
-            chosen[shape] = kernel if kernel != "auto" else pick_kernel(weight)[0]
-        return chosen[shape]
+        return chosen[tuple(weight.shape)]
 
     tied = model.config.tie_embeddings
     for block in model.blocks:
@@ -179,6 +241,8 @@ def convert_for_decoding(model: GPT, kernel: str = "auto") -> GPT:
             block.mlp = DecodeSwiGLU(block.mlp, choose(both))
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
+            if isinstance(module, DecodeSwiGLU) and child_name in ("gate", "up"):
+                continue  # views of the side-by-side copy: DecodeSwiGLU multiplies by that copy
             if type(child) is nn.Linear:
                 if tied and child is model.lm_head:
                     # the head is the embedding table: a transposed copy would double it, so keep F.linear unless
