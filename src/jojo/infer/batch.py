@@ -492,7 +492,13 @@ class BatchEngine:
 
     # ---- the engine's thread ---------------------------------------------------------------------------------
     def start(self) -> BatchEngine:
-        """Run the steps in a daemon thread of the engine's own until `close()`."""
+        """Run the steps in a daemon thread of the engine's own until `close()`.
+
+        Speed: PyTorch's CPU builds use GNU OpenMP, which makes its worker threads stop spinning between parallel
+        regions (each op then waits ~50 us to wake them) once two threads of the process have run parallel ops
+        and both still live: a step here then took ~1.5x as long (BENCHMARKS.md). So load and convert the model
+        in a thread that ends once the engine has started (as `jojo serve` does), or drive the steps from the
+        thread that loaded it (`generate_many`)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="jojo-batch-engine", daemon=True)
             self._thread.start()

@@ -26,8 +26,9 @@ minus the per-call bookkeeping of ~60 module calls and the forward's checks for 
 about a fifth of a 12M-parameter model's step.
 
 A converted model is for inference only (its parameters no longer require gradients). The conversion applies to
-float32 models on CPU; on other devices or dtypes it returns the model unchanged. Batches of several rows
-(prefill, batched decoding) take `F.linear` on the same storage.
+float32 models on CPU; on other devices or dtypes it returns the model unchanged. Several rows at once (a prompt,
+a batched decoding step) take `F.linear` on the same storage, or oneDNN on a packed copy once
+`jojo.infer.batch.convert_for_batches` has run.
 """
 
 from __future__ import annotations
