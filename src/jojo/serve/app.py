@@ -183,11 +183,12 @@ class _Waker:
                 return
             self.event.clear()
             self._armed, self._armed_for_done = True, done_only
-        if timeout is None:
+        timer = None if timeout is None else self.loop.call_later(timeout, self.event.set)  # cheaper than wait_for
+        try:
             await self.event.wait()
-            return
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.event.wait(), timeout)
+        finally:
+            if timer is not None:
+                timer.cancel()
 
 
 async def _watch_disconnect(request: Request, engine: BatchEngine, reqs: list, waker: _Waker) -> None:
