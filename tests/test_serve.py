@@ -151,6 +151,21 @@ def test_stream_and_non_stream_give_the_same_text_and_the_usage_chunk_arrives(se
     assert plain.object == "text_completion" and plain.usage.completion_tokens == 20
 
 
+def test_prompts_encoded_in_a_worker_thread_give_the_same_replies(server, monkeypatch):
+    """Long prompts are encoded off the event loop, short ones on it: the same token ids either way."""
+    import jojo.serve.app as app_module
+
+    c = client(server)
+    messages = [{"role": "user", "content": "Tell me about dogs."}]
+    args = dict(model=MODEL, temperature=0, max_tokens=12)
+    inline = (c.chat.completions.create(messages=messages, **args), c.completions.create(prompt="Once", **args))
+    monkeypatch.setattr(app_module, "INLINE_ENCODE_CHARS", 0)
+    threaded = (c.chat.completions.create(messages=messages, **args), c.completions.create(prompt="Once", **args))
+    assert inline[0].choices[0].message.content == threaded[0].choices[0].message.content
+    assert inline[1].choices[0].text == threaded[1].choices[0].text
+    assert inline[0].usage.prompt_tokens == threaded[0].usage.prompt_tokens
+
+
 def test_stop_and_max_tokens_end_with_the_right_finish_reason(server):
     c = client(server)
     prompt = "Once upon a time"
@@ -266,6 +281,7 @@ def test_sixteen_concurrent_streams_each_equal_their_single_request_output(serve
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"}, "model"),
         ({"messages": [{"role": "user", "content": "hi " * 400}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "hi " * 2000}]}, "messages"),  # encoded in a worker thread
         ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n"),
         ({"messages": [{"role": "user", "content": "hi"}], "n": 50}, "n"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
