@@ -486,26 +486,30 @@ async def _stream(
         open_ = set(range(len(reqs)))
         last_sent = 0.0
         while open_:
-            await waker.wait(lambda: any(reqs[i].has_news() for i in open_))
-            if interval > 0:  # pace the chunks, but send a choice's end as soon as it comes
+            if interval > 0:  # pace the chunks; a choice's end cuts the pause short
                 pause = last_sent + interval - time.perf_counter()
                 if pause > 0:
                     await waker.wait(lambda: any(reqs[i].done for i in open_), timeout=pause, done_only=True)
-                last_sent = time.perf_counter()
+            # after a pause there is usually text waiting: one wake-up per chunk, the timer's
+            await waker.wait(lambda: any(reqs[i].has_news() for i in open_))
+            last_sent = time.perf_counter()
+            out = []  # everything ready now goes out in one write
             for i in sorted(open_):
                 r = reqs[i]
                 done = r.done  # read before take: once done, every piece is in the buffer
                 piece = r.take()
                 if piece:
-                    yield chunk(i, piece, None)
+                    out.append(chunk(i, piece, None))
                 if done:
                     if r.finish_reason == "error":
-                        yield _sse(error_body(f"generation failed: {r.error}", "server_error"))
+                        yield "".join(out) + _sse(error_body(f"generation failed: {r.error}", "server_error"))
                         return
                     if r.finish_reason == "cancelled":
                         return
-                    yield chunk(i, None, r.finish_reason)
+                    out.append(chunk(i, None, r.finish_reason))
                     open_.discard(i)
+            if out:
+                yield "".join(out)
         if include_usage:
             total = usage(prompt_tokens, sum(len(r.tokens) for r in reqs))
             yield _sse({**meta, "object": obj, "choices": [], "usage": total})
