@@ -154,11 +154,10 @@ class _Waker:
     The engine calls it after every token of every request; it schedules a wake-up on the loop only while the
     handler is waiting for one (armed), so the tokens made while the handler sends, or paces its chunks, cost a
     flag check. `wait(ready)` checks `ready()` and arms under one lock: a token pushed in between is never missed.
-    `only_done`: wake for finished requests only (a non-streamed reply needs nothing earlier)."""
+    `wait(..., done_only=True)` wakes for finished requests only (a non-streamed reply, or a stream's pause)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, only_done: bool = False):
+    def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.only_done = only_done
         self.event = asyncio.Event()
         self._armed = False
         self._armed_for_done = False  # this wait wants finished requests only
@@ -166,8 +165,6 @@ class _Waker:
 
     def __call__(self, req=None) -> None:  # engine thread
         news_only = req is not None and not req.done
-        if self.only_done and news_only:
-            return
         with self._lock:
             if not self._armed or (self._armed_for_done and news_only):
                 return
@@ -347,7 +344,7 @@ async def _complete(state: ServerState, request: Request, chat: bool):
     stops = body.stop_list()
     prompts, stop_ids = await _encode_prompts(engine, body, chat)
     wanted, limit = _check_lengths(settings, engine, body, prompts, "messages" if chat else "prompt")
-    waker = _Waker(asyncio.get_running_loop(), only_done=not body.stream)
+    waker = _Waker(asyncio.get_running_loop())
     reqs = []
     try:
         for ids in prompts:
@@ -438,7 +435,7 @@ async def _wait_all(request: Request, engine: BatchEngine, reqs: list, waker: _W
     watcher = asyncio.create_task(_watch_disconnect(request, engine, reqs, waker))
     try:
         while not all(r.done for r in reqs):
-            await waker.wait(lambda: all(r.done for r in reqs))
+            await waker.wait(lambda: all(r.done for r in reqs), done_only=True)
     finally:
         watcher.cancel()
         for r in reqs:
