@@ -79,7 +79,14 @@ import torch
 import torch.nn.functional as F
 
 from jojo.errors import JojoError
-from jojo.infer.decode import DecodeLinear, DecodeStep, DecodeSwiGLU, convert_for_decoding, onednn_linear
+from jojo.infer.decode import (
+    DecodeLinear,
+    DecodeStep,
+    DecodeSwiGLU,
+    convert_for_decoding,
+    median_time,
+    onednn_linear,
+)
 from jojo.infer.engine import SamplingConfig, StopMatcher, pick, process_logits
 from jojo.model import GPT
 from jojo.tokenizer import byte_level_alphabet
@@ -316,16 +323,6 @@ class BatchDecodeSwiGLU(DecodeSwiGLU):
         return self.proj(F.silu(gate) * up)
 
 
-def _time_median(fn, reps: int = 20) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[reps // 2]
-
-
 def convert_for_batches(model: GPT, rows: int, kernel: str = "auto") -> GPT:
     """Give the matrix products of several rows (batched decode steps [rows, 1, C], prompt chunks [1, T, C])
     oneDNN kernels on prepacked weights, where that is faster than `F.linear` on this machine (timed once per
@@ -352,8 +349,8 @@ def convert_for_batches(model: GPT, rows: int, kernel: str = "auto") -> GPT:
         if shape not in chosen:
             x = torch.randn(rows, 1, weight.shape[1])
             with torch.inference_mode():
-                ours = _time_median(lambda: onednn_linear(x, packed, None))
-                plain = _time_median(lambda: F.linear(x, weight))
+                ours = median_time(lambda: onednn_linear(x, packed, None), reps=20)
+                plain = median_time(lambda: F.linear(x, weight), reps=20)
             chosen[shape] = ours < plain
         return chosen[shape]
 

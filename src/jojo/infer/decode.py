@@ -71,6 +71,12 @@ def one_row(wt: torch.Tensor, x: torch.Tensor, kernel: str) -> torch.Tensor:
     return y.sum(0) if parts > 1 else y[0]
 
 
+def row_product(x: torch.Tensor, wt: torch.Tensor, kernel: str, bias: torch.Tensor | None, shape) -> torch.Tensor:
+    """One row's x @ wt (+ bias) by a one-row kernel, viewed as `shape`."""
+    y = one_row(wt, x, kernel)
+    return (y if bias is None else y.add_(bias)).view(shape)
+
+
 class DecodeLinear(nn.Linear):
     """An `nn.Linear` whose one-row product runs the kernel chosen for its shape. With `matmul` or `bag` the
     weight parameter is a view of `wt`, the contiguous transposed copy [in, out], so both always agree."""
@@ -80,10 +86,7 @@ class DecodeLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.wt is not None and x.numel() == x.shape[-1]:
-            y = one_row(self.wt, x, self.kernel)
-            if self.bias is not None:
-                y = y.add_(self.bias)
-            return y.view(*x.shape[:-1], self.out_features)
+            return row_product(x, self.wt, self.kernel, self.bias, (*x.shape[:-1], self.out_features))
         return F.linear(x, self.weight, self.bias)
 
 
@@ -113,7 +116,8 @@ class DecodeSwiGLU(nn.Module):
         return self.proj(F.silu(gate) * up)
 
 
-def _time(fn, reps: int = 30) -> float:
+def median_time(fn, reps: int = 30) -> float:
+    """The median wall time of `reps` calls of fn, after two warm-up calls."""
     fn()
     fn()
     times = []
@@ -160,7 +164,7 @@ def pick_kernel(
     }
     usable = {k: run[k] for k in candidates if k != "bag" or _FBGEMM}
     with torch.inference_mode():
-        times = {k: _time(fn) for k, fn in usable.items()} if evict is None else _time_cold(usable, evict)
+        times = {k: median_time(fn) for k, fn in usable.items()} if evict is None else _time_cold(usable, evict)
     return min(times, key=times.get), times
 
 
@@ -280,13 +284,8 @@ def _product(layer: nn.Linear, several: bool) -> Callable[[torch.Tensor], torch.
     if wt is None:
         weight = layer.weight
         return lambda x: F.linear(x, weight, bias)
-    kernel, out = layer.kernel, layer.out_features
-
-    def one(x: torch.Tensor) -> torch.Tensor:
-        y = one_row(wt, x, kernel)
-        return (y if bias is None else y.add_(bias)).view(1, 1, out)
-
-    return one
+    kernel, shape = layer.kernel, (1, 1, layer.out_features)
+    return lambda x: row_product(x, wt, kernel, bias, shape)
 
 
 def _norm(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -324,7 +323,7 @@ class DecodeStep:
         cfg = model.config
         self.model = model
         self.H, self.KV, self.D, self.C = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_embd
-        self.rope = model.wpe is None
+        self.rope, self.gqa = model.wpe is None, cfg.n_kv_head != cfg.n_head
         # each block's parts as plain functions, for one row ([0]) and for several ([1]); kernels resolved now
         self.layers = [
             [
@@ -350,7 +349,6 @@ class DecodeStep:
             rope = (m.rope_cos[pos].unsqueeze(1).to(x.dtype), m.rope_sin[pos].unsqueeze(1).to(x.dtype))
         else:
             x = x + F.embedding(pos, m.wpe.weight)
-        gqa = KV != H
         for i, (norm1, qkv_fn, proj, norm2, mlp) in enumerate(self.layers[B > 1]):
             qkv = qkv_fn(norm1(x)).view(B, 1, H + 2 * KV, D).transpose(1, 2)
             if self.rope:
@@ -359,7 +357,7 @@ class DecodeStep:
             else:
                 q, k, v = qkv.split([H, KV, KV], dim=1)
             k, v = cache.store(i, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
             x = x + proj(y.transpose(1, 2).reshape(B, 1, self.C))
             x = x + mlp(norm2(x))
         cache.advance(1)
