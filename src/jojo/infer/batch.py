@@ -84,8 +84,8 @@ from jojo.infer.decode import (
     DecodeStep,
     DecodeSwiGLU,
     convert_for_decoding,
-    median_time,
     onednn_linear,
+    time_turns,
 )
 from jojo.infer.engine import SamplingConfig, StopMatcher, pick, process_logits
 from jojo.model import GPT
@@ -349,9 +349,9 @@ def convert_for_batches(model: GPT, rows: int, kernel: str = "auto") -> GPT:
         if shape not in chosen:
             x = torch.randn(rows, 1, weight.shape[1])
             with torch.inference_mode():
-                ours = median_time(lambda: onednn_linear(x, packed, None), reps=20)
-                plain = median_time(lambda: F.linear(x, weight), reps=20)
-            chosen[shape] = ours < plain
+                runs = {"onednn": lambda: onednn_linear(x, packed, None), "linear": lambda: F.linear(x, weight)}
+                times = time_turns(runs, reps=21)
+            chosen[shape] = times["onednn"] < times["linear"]
         return chosen[shape]
 
     with torch.no_grad():

@@ -116,25 +116,20 @@ class DecodeSwiGLU(nn.Module):
         return self.proj(F.silu(gate) * up)
 
 
-def median_time(fn, reps: int = 30) -> float:
-    """The median wall time of `reps` calls of fn, after two warm-up calls."""
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def time_turns(
+    runs: dict[str, Callable[[], object]], reps: int = 9, before: Callable[[], None] | None = None
+) -> dict[str, float]:
+    """The median wall time of each run, the runs taking turns: each of `reps` rounds times every run once (after
+    `before()` when given), after one untimed round. Taking turns, a burst of other work on the machine slows
+    every candidate alike instead of the one being timed at that moment (timed one after the other, a busy
+    machine made oneDNN lose shapes it wins by 2x)."""
+    for fn in runs.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
-
-
-def _time_cold(runs: dict[str, Callable[[], object]], evict: Callable[[], None], reps: int = 9) -> dict[str, float]:
-    """Median time of each run, each timed pass preceded by `evict()` (the candidates take turns)."""
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(reps):
         for k, fn in runs.items():
-            evict()
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
@@ -164,7 +159,7 @@ def pick_kernel(
     }
     usable = {k: run[k] for k in candidates if k != "bag" or _FBGEMM}
     with torch.inference_mode():
-        times = {k: median_time(fn) for k, fn in usable.items()} if evict is None else _time_cold(usable, evict)
+        times = time_turns(usable, reps=9 if evict else 21, before=evict)
     return min(times, key=times.get), times
 
 
