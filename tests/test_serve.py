@@ -404,24 +404,32 @@ def test_full_queue_answers_429(ckpt):
 
 def test_streams_are_paced_into_fewer_larger_chunks(ckpt):
     model, tok, _ = load_checkpoint(ckpt)
-    engine = BatchEngine(model, tok, max_batch=2).start()
+    engine = BatchEngine(model, tok, max_batch=4).start()
     body = {"prompt": "Once", "max_tokens": 40, "temperature": 0, "ignore_eos": True, "stream": True}
 
-    async def chunks(interval: float) -> list[str]:
-        app = create_app(ServeSettings(stream_interval=interval), engine=engine, model_id=MODEL)
+    async def chunks(interval: float, rate: float, streams: int = 1) -> list[list[str]]:
+        app = create_app(ServeSettings(stream_interval=interval, stream_chunk_rate=rate), engine=engine, model_id=MODEL)
         async with _asgi_client(app) as ac:
-            r = await ac.post("/v1/completions", json=body)
-        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
-        return [e["choices"][0]["text"] for e in events if e["choices"] and e["choices"][0]["text"]]
+            replies = await asyncio.gather(*(ac.post("/v1/completions", json=body) for _ in range(streams)))
+        out = []
+        for r in replies:
+            events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+            out.append([e["choices"][0]["text"] for e in events if e["choices"] and e["choices"][0]["text"]])
+        return out
 
     try:
-        with slow_steps(engine, 0.004):
-            every = asyncio.run(chunks(0.0))
-            paced = asyncio.run(chunks(0.05))
+        with slow_steps(engine, 0.01):
+            [every] = asyncio.run(chunks(0.0, 0.0))
+            [paced] = asyncio.run(chunks(0.05, 0.0))
+            # four streams at once, no interval of their own: the total rate paces each at 4 / 20 = 0.2 s
+            together = asyncio.run(chunks(0.0, 20.0, streams=4))
+            [alone] = asyncio.run(chunks(0.0, 20.0))  # one stream: 1 / 20 = 0.05 s
     finally:
         engine.close()
-    assert "".join(paced) == "".join(every)
-    assert len(every) >= 30 and len(paced) <= len(every) // 3
+    assert "".join(paced) == "".join(every) == "".join(alone)
+    assert len(every) >= 30 and len(paced) <= len(every) // 3 and len(alone) <= len(every) // 3
+    assert all("".join(c) == "".join(every) for c in together)
+    assert all(len(c) <= len(alone) // 2 for c in together), (len(alone), [len(c) for c in together])
 
 
 def test_a_paced_stream_ends_as_soon_as_its_text_does(ckpt):

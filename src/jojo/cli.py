@@ -122,6 +122,13 @@ def _add_serve_commands(sub) -> None:
     sv.add_argument(
         "--stream-interval", type=float, default=0.02, help="seconds between two chunks of a stream (0: every token)"
     )
+    sv.add_argument(
+        "--stream-chunk-rate",
+        type=float,
+        default=80.0,
+        help="chunks per second, all streams together: with k rows decoding, each stream gets one every "
+        "max(--stream-interval, k / rate) seconds (0: no cap)",
+    )
     sv.add_argument("--device", default="auto")
 
 

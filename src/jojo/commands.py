@@ -410,6 +410,7 @@ def cmd_serve(args) -> None:
         device=args.device,
         model_name=args.model_name,
         stream_interval=args.stream_interval,
+        stream_chunk_rate=args.stream_chunk_rate,
     )
     serve(settings)
 

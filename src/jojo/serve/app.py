@@ -67,14 +67,15 @@ class ServeSettings:
     max_n: int = 8
     prefill_chunk: int = 64
     stream_interval: float = 0.02  # seconds between two chunks of one streamed response (0: every token)
+    stream_chunk_rate: float = 80.0  # chunks a second, all streams together, before each is paced slower (0: no cap)
 
     def __post_init__(self):
         if self.max_batch < 1 or self.max_queue < 1:
             raise JojoError("--max-batch and --max-queue must be >= 1")
         if self.threads is not None and self.threads < 1:
             raise JojoError("--threads must be >= 1")
-        if self.stream_interval < 0:
-            raise JojoError("--stream-interval must be >= 0")
+        if self.stream_interval < 0 or self.stream_chunk_rate < 0:
+            raise JojoError("--stream-interval and --stream-chunk-rate must be >= 0")
         if not 0 < self.port < 65536:
             raise JojoError(f"--port {self.port} is not a TCP port (1-65535)")
 
@@ -370,7 +371,7 @@ async def _complete(state: ServerState, request: Request, chat: bool):
     prompt_tokens = sum(len(ids) for ids in prompts)
     if body.stream:
         events = _stream(request, engine, reqs, waker, chat, meta, prompt_tokens, body.include_usage(),
-                         settings.stream_interval)  # fmt: skip
+                         settings.stream_interval, settings.stream_chunk_rate)  # fmt: skip
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
     await _wait_all(request, engine, reqs, waker)
@@ -456,14 +457,18 @@ async def _stream(
     prompt_tokens: int,
     include_usage: bool,
     interval: float,
+    chunk_rate: float,
 ):
     """Server-sent events: a chunk per choice with the text made since the last one, at most one every `interval`
-    seconds per response (the first at once); a last chunk with its finish_reason, the usage chunk when
-    stream_options.include_usage, then [DONE].
+    seconds per response (the first at once), or every k / `chunk_rate` seconds while the engine decodes k rows
+    (all streams together send at most `chunk_rate` chunks a second); a last chunk with its finish_reason, the
+    usage chunk when stream_options.include_usage, then [DONE].
 
     Why pace: a chunk costs the server ~0.1 ms of Python and the client as much again, per chunk, on the same
     cores as the model; at 8 streams of ~150 tokens/s that was a third of the throughput on 2 cores. 20 ms (50
-    updates a second) still reads as smooth streaming, and a pace of 0 sends every token."""
+    updates a second) still reads as smooth streaming, and a pace of 0 sends every token. Why a total rate: at
+    20 ms each, 8 streams' chunks still cost 6-9% of their throughput on 2 cores, 80 a second (each of the 8
+    every 100 ms, still 10 updates a second) 0-3% (BENCHMARKS.md)."""
     obj = "chat.completion.chunk" if chat else "text_completion"
     extra = {"usage": None} if include_usage else {}
 
@@ -483,8 +488,9 @@ async def _stream(
         open_ = set(range(len(reqs)))
         last_sent = 0.0
         while open_:
-            if interval > 0:  # pace the chunks; a choice's end cuts the pause short
-                pause = last_sent + interval - time.perf_counter()
+            pace = max(interval, engine.running / chunk_rate) if chunk_rate > 0 else interval
+            if pace > 0:  # pace the chunks; a choice's end cuts the pause short
+                pause = last_sent + pace - time.perf_counter()
                 if pause > 0:
                     await waker.wait(lambda: any(reqs[i].done for i in open_), timeout=pause, done_only=True)
             # after a pause there is usually text waiting: one wake-up per chunk, the timer's
