@@ -84,6 +84,7 @@ from jojo.infer.decode import (
     DecodeStep,
     DecodeSwiGLU,
     convert_for_decoding,
+    evictor,
     onednn_linear,
     time_turns,
 )
@@ -323,10 +324,25 @@ class BatchDecodeSwiGLU(DecodeSwiGLU):
         return self.proj(F.silu(gate) * up)
 
 
+def _onednn_wins(pairs: list[tuple[torch.Tensor, torch.Tensor]], rows: int, evict) -> bool:
+    """Whether oneDNN on the packed copies beats `F.linear` for `rows` rows, timed on all the (weight, packed)
+    pairs of one shape in turn, each pass after `evict()`: as a decode step finds them (timed warm on one weight,
+    MKL won a shape in some processes that then decoded 8 rows 10% slower)."""
+    x = torch.randn(rows, 1, pairs[0][0].shape[1])
+    runs = {
+        "onednn": lambda: [onednn_linear(x, packed, None) for _, packed in pairs],
+        "linear": lambda: [F.linear(x, weight) for weight, _ in pairs],
+    }
+    with torch.inference_mode():
+        times = time_turns(runs, reps=9, before=evict)
+    return times["onednn"] < times["linear"]
+
+
 def convert_for_batches(model: GPT, rows: int, kernel: str = "auto") -> GPT:
     """Give the matrix products of several rows (batched decode steps [rows, 1, C], prompt chunks [1, T, C])
     oneDNN kernels on prepacked weights, where that is faster than `F.linear` on this machine (timed once per
-    weight shape for a decode step of `rows` rows; kernel "onednn" or "linear" forces one for every shape).
+    weight shape for a decode step of `rows` rows, on all the model's weights of that shape in turn after reading
+    the rest of the model, as `convert_for_decoding` times; kernel "onednn" or "linear" forces one for every shape).
 
     Why: on CPU, `F.linear` goes to MKL's sgemm, which on the 2-core AMD EPYC of BENCHMARKS.md runs a [8, 384] x
     [384, 1536] product at ~60 GFLOP/s and gains nothing from a second thread; oneDNN with the weight reordered
@@ -340,32 +356,26 @@ def convert_for_batches(model: GPT, rows: int, kernel: str = "auto") -> GPT:
     if not torch.backends.mkldnn.is_available():
         model.batch_kernels = {}
         return model
-    chosen: dict[tuple[int, int], bool] = {}
-
-    def wins(weight: torch.Tensor, packed: torch.Tensor) -> bool:
-        shape = tuple(weight.shape)
-        if shape not in chosen and kernel != "auto":
-            chosen[shape] = kernel == "onednn"
-        if shape not in chosen:
-            x = torch.randn(rows, 1, weight.shape[1])
-            with torch.inference_mode():
-                runs = {"onednn": lambda: onednn_linear(x, packed, None), "linear": lambda: F.linear(x, weight)}
-                times = time_turns(runs, reps=21)
-            chosen[shape] = times["onednn"] < times["linear"]
-        return chosen[shape]
-
     with torch.no_grad():
+        parts = []  # (module, its weight [out, in], its batched class, the packed copy)
         for module in model.modules():
             if isinstance(module, DecodeSwiGLU) and not isinstance(module, BatchDecodeSwiGLU):
                 weight = module.wt.t()  # [2 * hidden, in], the gate and up rows side by side
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows)
-                module.__class__ = BatchDecodeSwiGLU  # a subclass adding one branch: parameters stay as they are
-                module.packed = packed if wins(weight, packed) else None
+                parts.append((module, weight, BatchDecodeSwiGLU))
             elif type(module) is DecodeLinear:
-                weight = module.weight.detach()
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows)
-                module.__class__ = BatchDecodeLinear
-                module.packed = packed if wins(weight, packed) else None
+                parts.append((module, module.weight.detach(), BatchDecodeLinear))
+        parts = [(m, w, cls, torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows)) for m, w, cls in parts]
+        shapes: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for _, weight, _, packed in parts:
+            shapes.setdefault(tuple(weight.shape), []).append((weight, packed))
+        if kernel == "auto":
+            evict = evictor(model)
+            chosen = {shape: _onednn_wins(pairs, rows, evict) for shape, pairs in shapes.items()}
+        else:
+            chosen = dict.fromkeys(shapes, kernel == "onednn")
+        for module, weight, cls, packed in parts:
+            module.__class__ = cls  # a subclass adding one branch: parameters stay as they are
+            module.packed = packed if chosen[tuple(weight.shape)] else None
     model.batch_kernels = {f"{o}x{i}": "onednn" if w else "linear" for (o, i), w in chosen.items()}
     return model
 

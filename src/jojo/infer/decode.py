@@ -163,7 +163,7 @@ def pick_kernel(
     return min(times, key=times.get), times
 
 
-def _evictor(model: GPT, budget: int = 64 << 20) -> Callable[[], None]:
+def evictor(model: GPT, budget: int = 64 << 20) -> Callable[[], None]:
     """A function that reads the model's parameters, up to `budget` bytes (more than a CPU's last-level cache):
     what decoding a token does between two uses of the same layer."""
     params, total = [], 0
@@ -227,7 +227,7 @@ def convert_for_decoding(model: GPT, kernel: str = "auto") -> GPT:
         q.requires_grad_(False)
     groups = _decode_weights(model)
     if kernel == "auto":  # timed on all the weights of each shape, as cold as decoding finds them
-        evict = _evictor(model)
+        evict = evictor(model)
         chosen = {shape: pick_kernel(ws[0], others=tuple(ws[1:]), evict=evict)[0] for shape, ws in groups.items()}
     else:
         chosen = dict.fromkeys(groups, kernel)
