@@ -139,6 +139,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads, both sides (0 = torch's default)")
     ap.add_argument("--no-engine", action="store_true", help="skip the in-process engine rows")
     ap.add_argument("--stream-interval", type=float, default=None, help="jojo serve --stream-interval (default its)")
+    ap.add_argument("--stream-chunk-rate", type=float, default=None, help="jojo serve --stream-chunk-rate (default its)")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -180,6 +181,8 @@ def main() -> None:
         cmd += ["--threads", str(args.threads)]
     if args.stream_interval is not None:
         cmd += ["--stream-interval", str(args.stream_interval)]
+    if args.stream_chunk_rate is not None:
+        cmd += ["--stream-chunk-rate", str(args.stream_chunk_rate)]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:
@@ -270,6 +273,7 @@ def main() -> None:
         print(f"engine x1 / transformers x1:      {ratio('engine x1 (no HTTP)', 'transformers x1')}")
         print(f"engine x8 / engine x1:            {ratio('engine x8 (no HTTP)', 'engine x1 (no HTTP)')}")
         print(f"engine x8 / transformers x8:      {ratio('engine x8 (no HTTP)', 'transformers x8 (padded batch)')}")
+        print(f"serve x8 / engine x8 (HTTP cost): {ratio('serve x8', 'engine x8 (no HTTP)')}")
 
 
 if __name__ == "__main__":
