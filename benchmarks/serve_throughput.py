@@ -139,7 +139,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads, both sides (0 = torch's default)")
     ap.add_argument("--no-engine", action="store_true", help="skip the in-process engine rows")
     ap.add_argument("--stream-interval", type=float, default=None, help="jojo serve --stream-interval (default its)")
-    ap.add_argument("--stream-chunk-rate", type=float, default=None, help="jojo serve --stream-chunk-rate (default its)")
+    ap.add_argument(
+        "--stream-chunk-rate", type=float, default=None, help="jojo serve --stream-chunk-rate (default: its)"
+    )
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
