@@ -327,7 +327,7 @@ class BatchDecodeSwiGLU(DecodeSwiGLU):
 def _onednn_wins(pairs: list[tuple[torch.Tensor, torch.Tensor]], rows: int, evict) -> bool:
     """Whether oneDNN on the packed copies beats `F.linear` for `rows` rows, timed on all the (weight, packed)
     pairs of one shape in turn, each pass after `evict()`: as a decode step finds them (timed warm on one weight,
-    MKL won a shape in some processes that then decoded 8 rows 10% slower)."""
+    MKL won 1536x384 in a process started alone: 6 of the 25 products of its 8-row steps took 81 us, not ~45)."""
     x = torch.randn(rows, 1, pairs[0][0].shape[1])
     runs = {
         "onednn": lambda: [onednn_linear(x, packed, None) for _, packed in pairs],
