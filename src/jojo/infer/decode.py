@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from jojo.model import GPT, GeluMLP, SwiGLU, apply_rope
+from jojo.model import GPT, GeluMLP, SwiGLU
 
 KERNELS = ("linear", "matmul", "bag")
 _FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines  # x86 builds: FBGEMM's embedding-bag kernels
@@ -302,6 +302,13 @@ def _mlp(mlp: nn.Module, several: bool) -> Callable[[torch.Tensor], torch.Tensor
     return lambda x: proj(F.gelu(fc(x), approximate="tanh"))
 
 
+def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """`jojo.model.apply_rope` with the sign of its rotation moved into the sine (signed_sin = [-sin1, sin2] for
+    sin = [sin1, sin2]): x * cos + roll(x) * signed_sin is x * cos + [-x2, x1] * sin, the same numbers bit for bit
+    (the DecodeStep test compares logits exactly) in two operations fewer per layer (9.5 vs 17 us for 8 rows)."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * signed_sin
+
+
 class DecodeStep:
     """`GPT.forward(idx, cache=..., positions=..., attn_mask=..., last_only=True)` for one new token per row.
 
@@ -341,13 +348,15 @@ class DecodeStep:
         B = idx.shape[0]
         x = F.embedding(idx, m.wte.weight)
         if self.rope:
-            rope = (m.rope_cos[pos].unsqueeze(1).to(x.dtype), m.rope_sin[pos].unsqueeze(1).to(x.dtype))
+            cos, sin = m.rope_cos[pos].unsqueeze(1).to(x.dtype), m.rope_sin[pos].unsqueeze(1).to(x.dtype)
+            half = D // 2  # the rotation's sign moved into the sine (see _rope)
+            sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         else:
             x = x + F.embedding(pos, m.wpe.weight)
         for i, (norm1, qkv_fn, proj, norm2, mlp) in enumerate(self.layers[B > 1]):
             qkv = qkv_fn(norm1(x)).view(B, 1, H + 2 * KV, D).transpose(1, 2)
             if self.rope:
-                q, k = apply_rope(qkv[:, : H + KV], *rope).split([H, KV], dim=1)
+                q, k = _rope(qkv[:, : H + KV], cos, sin).split([H, KV], dim=1)
                 v = qkv[:, H + KV :]
             else:
                 q, k, v = qkv.split([H, KV, KV], dim=1)
