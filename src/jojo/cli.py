@@ -126,7 +126,7 @@ def _add_serve_commands(sub) -> None:
         "--stream-chunk-rate",
         type=float,
         default=80.0,
-        help="chunks per second, all streams together: with k rows decoding, each stream gets one every "
+        help="chunks per second, all streams together: with k streams sending text, each gets one every "
         "max(--stream-interval, k / rate) seconds (0: no cap)",
     )
     sv.add_argument("--device", default="auto")

@@ -818,11 +818,6 @@ class BatchEngine:
             req.on_update(req)
 
     # ---- numbers ---------------------------------------------------------------------------------------------
-    @property
-    def running(self) -> int:
-        """Rows decoding now (read without the lock: it may be a step old)."""
-        return len(self._running)
-
     def stats(self) -> dict:
         """Counters for /metrics: requests, tokens, queue depth, running rows, tokens/s over the last 10 s."""
         with self._lock:

@@ -100,6 +100,7 @@ class ServerState:
         )
         self.created = int(time.time())
         self.http_status: Counter[int] = Counter()
+        self.streaming = 0  # streamed responses sending text now (event loop only): the total chunk rate's share
 
     def load(self) -> None:
         """Load the checkpoint and start the engine (in a thread of its own: /health answers 503 meanwhile)."""
@@ -370,8 +371,7 @@ async def _complete(state: ServerState, request: Request, chat: bool):
     }
     prompt_tokens = sum(len(ids) for ids in prompts)
     if body.stream:
-        events = _stream(request, engine, reqs, waker, chat, meta, prompt_tokens, body.include_usage(),
-                         settings.stream_interval, settings.stream_chunk_rate)  # fmt: skip
+        events = _stream(request, state, reqs, waker, chat, meta, prompt_tokens, body.include_usage())
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
     await _wait_all(request, engine, reqs, waker)
@@ -449,20 +449,19 @@ async def _wait_all(request: Request, engine: BatchEngine, reqs: list, waker: _W
 
 async def _stream(
     request: Request,
-    engine: BatchEngine,
+    state: ServerState,
     reqs: list,
     waker: _Waker,
     chat: bool,
     meta: dict,
     prompt_tokens: int,
     include_usage: bool,
-    interval: float,
-    chunk_rate: float,
 ):
-    """Server-sent events: a chunk per choice with the text made since the last one, at most one every `interval`
-    seconds per response (the first at once), or every k / `chunk_rate` seconds while the engine decodes k rows
-    (all streams together send at most `chunk_rate` chunks a second); a last chunk with its finish_reason, the
-    usage chunk when stream_options.include_usage, then [DONE].
+    """Server-sent events: a chunk per choice with the text made since the last one, at most one every
+    `--stream-interval` seconds per response (the first at once), or every k / `--stream-chunk-rate` seconds while
+    k streamed responses are sending text (all of them together send at most that many writes a second; a
+    response counts from its first text to its end, so neither queued nor non-streamed requests slow a stream);
+    a last chunk with its finish_reason, the usage chunk when stream_options.include_usage, then [DONE].
 
     Why pace: a chunk costs the server ~0.1 ms of Python and the client as much again, per chunk, on the same
     cores as the model; at 8 streams of ~150 tokens/s that was a third of the throughput on 2 cores. 20 ms (50
@@ -480,7 +479,9 @@ async def _stream(
             choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None}
         return _sse({**meta, "object": obj, "choices": [choice], **extra})
 
+    engine, interval, rate = state.engine, state.settings.stream_interval, state.settings.stream_chunk_rate
     watcher = asyncio.create_task(_watch_disconnect(request, engine, reqs, waker))
+    counted = False  # whether this response is in state.streaming
     try:
         if chat:
             for i in range(len(reqs)):
@@ -488,7 +489,7 @@ async def _stream(
         open_ = set(range(len(reqs)))
         last_sent = 0.0
         while open_:
-            pace = max(interval, engine.running / chunk_rate) if chunk_rate > 0 else interval
+            pace = max(interval, max(state.streaming, 1) / rate) if rate > 0 else interval
             if pace > 0:  # pace the chunks; a choice's end cuts the pause short
                 pause = last_sent + pace - time.perf_counter()
                 if pause > 0:
@@ -512,6 +513,8 @@ async def _stream(
                     out.append(chunk(i, None, r.finish_reason))
                     open_.discard(i)
             if out:
+                if not counted:
+                    state.streaming, counted = state.streaming + 1, True
                 yield "".join(out)
         if include_usage:
             total = usage(prompt_tokens, sum(len(r.tokens) for r in reqs))
@@ -519,6 +522,8 @@ async def _stream(
         yield "data: [DONE]\n\n"
     finally:
         watcher.cancel()
+        if counted:
+            state.streaming -= 1
         for r in reqs:
             if not r.done:
                 engine.cancel(r)
