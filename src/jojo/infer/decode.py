@@ -238,8 +238,8 @@ def convert_for_decoding(model: GPT, kernel: str = "auto") -> GPT:
     tied = model.config.tie_embeddings
     for block in model.blocks:
         if isinstance(block.mlp, SwiGLU):
-            both = torch.cat([block.mlp.gate.weight, block.mlp.up.weight]).detach()  # [2 * hidden, in]
-            block.mlp = DecodeSwiGLU(block.mlp, choose(both))
+            gate = block.mlp.gate  # gate and up side by side: [2 * hidden, in], the shape _decode_weights timed
+            block.mlp = DecodeSwiGLU(block.mlp, chosen[(2 * gate.out_features, gate.in_features)])
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(module, DecodeSwiGLU) and child_name in ("gate", "up"):
