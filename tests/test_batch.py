@@ -152,6 +152,30 @@ def test_seeded_sampling_and_repetition_penalty_match_single_sequence(tokenizer)
         assert r.tokens == reference(model, tokenizer, p, sc)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_burst_of_prompts_is_prefilled_together_and_decodes_as_each_alone(family, tokenizer):
+    """Queued prompts share one prefill pass (left-padded, rows x longest chunk within `prefill_chunk`): the rest
+    of a prompt cut at the last step goes first, at its own positions; a request that ends at its first token
+    frees its row and the rows after it move down. Every request's tokens are its single-sequence ones."""
+    model = make_model(family, tokenizer)
+    engine = BatchEngine(model, tokenizer, max_batch=5, prefill_chunk=12)
+    passes = []
+    model.register_forward_hook(lambda m, args, out: passes.append(tuple(args[0].shape)))  # prefill only
+    prompts = prompts_of(tokenizer, [2, 9, 2, 3, 4], seed=6)
+    budgets = [20, 20, 1, 20, 20]  # the third ends at its first token ("length")
+    reqs = [engine.submit(p, SamplingConfig(max_tokens=m, temperature=0.0)) for p, m in zip(prompts, budgets)]
+    engine.step()  # 2 tokens, then 6 of the 9 (2 rows x 6 = 12): the second carries over
+    assert passes == [(2, 6)] and engine._prefilling is reqs[1] and len(engine._running) == 1
+    engine.step()  # the 9's last 3 at positions 6-8, the 2, the 3 and 3 of the 4 (4 rows x 3)
+    assert passes[1] == (4, 3) and reqs[2].finish_reason == "length" and len(reqs[2].tokens) == 1
+    assert engine._running == [reqs[0], reqs[1], reqs[3]] and [r._row for r in engine._running] == [0, 1, 2]
+    assert engine._prefilling is reqs[4] and reqs[4]._row == 3  # moved down into the row the third left
+    engine.run_until_done(reqs)
+    assert passes[2] == (1, 1)
+    for p, m, r in zip(prompts, budgets, reqs):
+        assert r.tokens == reference(model, tokenizer, p, SamplingConfig(max_tokens=m, temperature=0.0))
+
+
 def test_cancel_frees_the_row_and_the_others_continue_unchanged(tokenizer):
     model = make_model("gpt2", tokenizer)
     engine = BatchEngine(model, tokenizer, max_batch=3, prefill_chunk=4)

@@ -116,6 +116,13 @@ def _add_serve_commands(sub) -> None:
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $JOJO_API_KEY)")
     sv.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row before 429")
+    sv.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=512,
+        help="prompt tokens prefilled per step, all new requests together (padded): running streams wait at most "
+        "that long between two tokens",
+    )
     sv.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     sv.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
     sv.add_argument("--model-name", default=None, help="the model id clients send (default: the run's name)")

@@ -405,6 +405,7 @@ def cmd_serve(args) -> None:
         api_key=args.api_key or os.environ.get("JOJO_API_KEY") or None,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
+        prefill_chunk=args.prefill_chunk,
         threads=args.threads,
         cors_origins=tuple(args.cors_origin),
         device=args.device,

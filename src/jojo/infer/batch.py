@@ -1,11 +1,12 @@
 """Batched generation with continuous batching: many requests share one model, each at its own position.
 
 `BatchEngine` holds up to `max_batch` sequences in one `BatchKVCache` (one row each) and advances them together:
-every step (1) admits queued requests into free rows and prefills their prompts in chunks of at most
-`prefill_chunk` tokens per step, then (2) decodes one token for every running row in a single forward pass over
-[rows, 1]. A request joins between two steps and leaves when it is done (stop id, stop string, max tokens, full
-context, or cancelled), and its row goes to the next one: continuous batching. A long prompt is cut into chunks,
-so the running streams wait at most one chunk per step, never the whole prompt.
+every step (1) admits queued requests into free rows and prefills their prompts, several in one forward pass (a
+left-padded [k, T] chunk, k x T at most `prefill_chunk` tokens), then (2) decodes one token for every running row
+in a single forward pass over [rows, 1]. A request joins between two steps and leaves when it is done (stop id,
+stop string, max tokens, full context, or cancelled), and its row goes to the next one: continuous batching. A
+long prompt is cut into chunks, so the running streams wait at most one chunk per step, never the whole prompt;
+a burst of short prompts is one pass, not one pass each (each pass reads every weight once).
 
 Per-row positions. Row b stores its keys at its own positions 0..p_b; a decode step feeds each row's last token at
 position p_b (RoPE angles or the learned position table read at p_b) and masks row b's attention to keys
@@ -21,11 +22,11 @@ tail that could be the start of a stop string (a stop string ends the request, i
 Exactness at temperature 0. A request alone in the engine runs exactly the computation of `generate_stream`
 (the same shapes and kernels: a prompt of at most `prefill_chunk` tokens is one causal prefill, a lone row
 decodes through the one-row kernels of `jojo.infer.decode`), so its tokens are identical bit for bit (a longer
-prompt is prefilled in chunks: the same up to rounding, as below). In a batch,
-the matrix products run over several rows and attention over a masked, padded span: the logits then differ from
-the single-row ones by float rounding (~1e-6 relative; the tests bound it), so the greedy tokens are the same
-unless two logits tie to within rounding. The tests check the tokens on both families with mixed prompt lengths
-and arrival times.
+prompt is prefilled in chunks: the same up to rounding, as below). In a batch (prompts prefilled together, rows
+decoded together), the matrix products run over several rows and attention over a masked, padded span: the
+logits then differ from the single-row ones by float rounding (~1e-6 relative; the tests bound it), so the greedy
+tokens are the same unless two logits tie to within rounding. The tests check the tokens on both families with
+mixed prompt lengths and arrival times.
 
 Speed on CPU: the engine converts the model with `convert_for_decoding` (one-row kernels, for a lone row) and
 `convert_for_batches` (oneDNN on prepacked weights for several rows: batched steps and prompt chunks, where
@@ -127,6 +128,14 @@ class BatchKVCache:
             raise ValueError(f"KV cache overflow: {start + length} positions > max_len {self.max_len}")
         self._plan = ("prefill", row, start, length)
 
+    def plan_rows(self, row: int, starts: list[int], lengths: list[int], width: int) -> None:
+        """Chunks of k prompts in one pass, in rows row..row+k-1: row+b gets lengths[b] keys at positions
+        starts[b].., which arrive right-aligned in a chunk `width` wide (left padding; the padding is not kept)."""
+        end = max(s + n for s, n in zip(starts, lengths))
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        self._plan = ("rows", row, starts, lengths, width, end)
+
     def plan_decode(self, positions: torch.Tensor, span: int) -> None:
         """positions: [B] (long, on the cache's device), the position of each row's new token; span = max + 1."""
         B = positions.shape[0]
@@ -149,6 +158,14 @@ class BatchKVCache:
             k_all.narrow(2, start, T).copy_(k)
             v_all.narrow(2, start, T).copy_(v)
             return k_all.narrow(2, 0, start + T), v_all.narrow(2, 0, start + T)
+        if kind == "rows":
+            _, row, starts, lengths, width, end = self._plan
+            k_all = self._k_layers[layer].narrow(0, row, len(starts))
+            v_all = self._v_layers[layer].narrow(0, row, len(starts))
+            for b, (s, n) in enumerate(zip(starts, lengths)):
+                k_all[b, :, s : s + n].copy_(k[b, :, width - n :])
+                v_all[b, :, s : s + n].copy_(v[b, :, width - n :])
+            return k_all.narrow(2, 0, end), v_all.narrow(2, 0, end)
         _, B, index, span = self._plan
         d = k.shape[-1]
         self._k_flat[layer].index_copy_(0, index, k.reshape(-1, d))
@@ -410,7 +427,7 @@ class BatchEngine:
         tokenizer,
         max_batch: int = 8,
         max_queue: int = 64,
-        prefill_chunk: int = 64,
+        prefill_chunk: int = 512,
         convert: bool = True,
     ):
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
@@ -620,16 +637,12 @@ class BatchEngine:
             self._end(self._prefilling, "cancelled")
             self._prefilling = None
 
-    def _admit(self) -> Request | None:
-        """Take the next queued request into the row after the running ones (when one is free)."""
-        if len(self._running) >= self.max_batch:
-            return None
+    def _admit(self, row: int) -> Request | None:
+        """Take the first queued request into `row`; None if it ended at once (no room for a single token)."""
         with self._lock:
-            if not self._queue:
-                return None
             req = self._queue.popleft()
         sc = req.sampling
-        req._row = len(self._running)
+        req._row = row
         req._budget = min(sc.max_tokens, self.block - len(req.prompt_ids))
         if sc.temperature > 0:
             seed = sc.seed if sc.seed is not None else secrets.randbits(63)
@@ -645,40 +658,96 @@ class BatchEngine:
         return req
 
     def _prefill(self) -> int:
-        """Prefill up to `prefill_chunk` prompt tokens (finishing prompts admits the next ones); returns the
-        number of first tokens sampled."""
-        budget, produced = self.prefill_chunk, 0
-        while budget > 0:
-            if self._prefilling is None:
-                self._prefilling = self._admit()
-                if self._prefilling is None:
-                    if self._queue and len(self._running) < self.max_batch:
-                        continue  # that one ended at once (no token budget): admit the next
+        """Prefill prompt chunks in one forward pass and sample the first token of every prompt completed; returns
+        how many were sampled.
+
+        The chunks come from the prompt the last step left half done (if any), then from queued requests taken
+        into the free rows after the running ones, in order, while the padded chunk (rows x its longest chunk)
+        stays within `prefill_chunk` tokens: a burst of short prompts is one pass, not one pass each, and a long
+        prompt is cut so that running rows wait at most one chunk per step. Only the last of the chunks can be
+        part of a prompt; it carries over to the next step."""
+        group: list[tuple[Request, int]] = []  # (request, chunk length), in rows len(_running), +1, ...
+        width = 0
+        while True:
+            k = len(group)
+            if k == 0 and self._prefilling is not None:
+                req = self._prefilling
+            else:
+                with self._lock:
+                    req = self._queue[0] if self._queue else None
+                if req is None or len(self._running) + k >= self.max_batch:
                     break
-            req = self._prefilling
-            start = req._prefilled
-            n = min(budget, len(req.prompt_ids) - start)
-            idx = torch.tensor([req.prompt_ids[start : start + n]], device=self.device)
-            self.cache.plan_prefill(req._row, start, n)
-            positions = self._arange[start : start + n].view(1, n)
-            # From position 0 the chunk is plain causal attention (mask None: the exact computation of
-            # generate_stream's prefill); a later chunk sees all of the row's earlier keys and is causal within.
-            mask = None
-            if start > 0:
-                mask = torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(diagonal=start)
-                mask = mask.view(1, 1, n, start + n)
-            logits, _ = self.model(idx, cache=self.cache, positions=positions, attn_mask=mask, last_only=True)
+            rest = len(req.prompt_ids) - req._prefilled
+            wide = max(width, min(rest, self.prefill_chunk // (k + 1)))
+            if wide == 0 or (k + 1) * wide > self.prefill_chunk:
+                break
+            if req is not self._prefilling and self._admit(len(self._running) + k) is None:
+                continue  # it ended at once: the next one
+            group.append((req, min(rest, wide)))
+            width = wide
+        if not group:
+            return 0
+        logits = self._prefill_one(*group[0]) if len(group) == 1 else self._prefill_rows(group, width)
+        done = []
+        for b, (req, n) in enumerate(group):
             req._prefilled += n
             req._cached = req._prefilled
-            budget -= n
             if req._prefilled == len(req.prompt_ids):
-                self._prefilling = None
-                token = self._sample_rows(logits[:, -1], [req])[0]
-                produced += 1
-                if self._accept(req, token):
-                    req._row = len(self._running)  # it sat in the row after the running ones all along
-                    self._running.append(req)
-        return produced
+                done.append(b)
+        last = group[-1][0]
+        self._prefilling = last if last._prefilled < len(last.prompt_ids) else None
+        picked = self._sample_rows(logits[done, -1], [group[b][0] for b in done]) if done else []
+        for b, token in zip(done, picked):
+            req = group[b][0]
+            if self._accept(req, token):
+                self._to_row(req, len(self._running))
+                self._running.append(req)
+        if self._prefilling is not None:
+            self._to_row(self._prefilling, len(self._running))
+        return len(done)
+
+    def _prefill_one(self, req: Request, n: int) -> torch.Tensor:
+        """The next n prompt tokens of one request: from position 0 plain causal attention (mask None: the exact
+        computation of generate_stream's prefill); a later chunk sees all of the row's earlier keys and is causal
+        within itself."""
+        start = req._prefilled
+        idx = torch.tensor([req.prompt_ids[start : start + n]], device=self.device)
+        self.cache.plan_prefill(req._row, start, n)
+        positions = self._arange[start : start + n].view(1, n)
+        mask = None
+        if start > 0:
+            mask = torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(diagonal=start)
+            mask = mask.view(1, 1, n, start + n)
+        logits, _ = self.model(idx, cache=self.cache, positions=positions, attn_mask=mask, last_only=True)
+        return logits
+
+    def _prefill_rows(self, group: list[tuple[Request, int]], width: int) -> torch.Tensor:
+        """Chunks of several requests (rows len(_running)..) as one [k, width] pass, each chunk right-aligned (left
+        padding), so the last column holds every row's last token. Column t of row b sits at position
+        start_b + t - (width - n_b) and sees the row's keys up to there; padding columns (clamped to position >= 0)
+        see at least key 0 and are neither stored nor read."""
+        k = len(group)
+        idx = torch.zeros(k, width, dtype=torch.long)
+        for b, (req, n) in enumerate(group):
+            idx[b, width - n :] = torch.tensor(req.prompt_ids[req._prefilled : req._prefilled + n])
+        offsets = torch.tensor([req._prefilled - (width - n) for req, n in group], device=self.device)
+        positions = (self._arange[:width].view(1, width) + offsets.view(k, 1)).clamp_(min=0)
+        starts = [req._prefilled for req, _ in group]
+        lengths = [n for _, n in group]
+        span = max(s + n for s, n in zip(starts, lengths))
+        mask = (self._arange[:span].view(1, 1, span) <= positions.view(k, width, 1)).view(k, 1, width, span)
+        self.cache.plan_rows(len(self._running), starts, lengths, width)
+        logits, _ = self.model(
+            idx.to(self.device), cache=self.cache, positions=positions, attn_mask=mask, last_only=True
+        )
+        return logits
+
+    def _to_row(self, req: Request, row: int) -> None:
+        """Move a request's cached positions down to `row` (a row freed by a request that ended at its first
+        token), keeping the rows in use contiguous."""
+        if req._row != row:
+            self.cache.move(req._row, row, req._cached)
+            req._row = row
 
     def _decode(self) -> int:
         rows = self._running

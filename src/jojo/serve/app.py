@@ -65,13 +65,13 @@ class ServeSettings:
     max_prompt_tokens: int | None = None  # None: the context minus one (room for one new token)
     max_tokens_limit: int | None = None  # None: the context
     max_n: int = 8
-    prefill_chunk: int = 64
+    prefill_chunk: int = 512  # prompt tokens per engine step, padded (see BatchEngine._prefill)
     stream_interval: float = 0.02  # seconds between two chunks of one streamed response (0: every token)
     stream_chunk_rate: float = 80.0  # chunks a second, all streams together, before each is paced slower (0: no cap)
 
     def __post_init__(self):
-        if self.max_batch < 1 or self.max_queue < 1:
-            raise JojoError("--max-batch and --max-queue must be >= 1")
+        if self.max_batch < 1 or self.max_queue < 1 or self.prefill_chunk < 1:
+            raise JojoError("--max-batch, --max-queue and --prefill-chunk must be >= 1")
         if self.threads is not None and self.threads < 1:
             raise JojoError("--threads must be >= 1")
         if self.stream_interval < 0 or self.stream_chunk_rate < 0:
