@@ -170,8 +170,17 @@ def test_a_burst_of_prompts_is_prefilled_together_and_decodes_as_each_alone(fami
     assert passes[1] == (4, 3) and reqs[2].finish_reason == "length" and len(reqs[2].tokens) == 1
     assert engine._running == [reqs[0], reqs[1], reqs[3]] and [r._row for r in engine._running] == [0, 1, 2]
     assert engine._prefilling is reqs[4] and reqs[4]._row == 3  # moved down into the row the third left
+    rows = [(r, r._row, r._cached, engine.cache.k[:, r._row].clone(), engine.cache.v[:, r._row].clone())
+            for r in [*engine._running, engine._prefilling]]  # fmt: skip
     engine.run_until_done(reqs)
     assert passes[2] == (1, 1)
+    # each row's cache holds the keys and values its tokens have alone, at their own positions
+    for r, row, n, k, v in rows:
+        alone = model.new_cache(1, n)
+        with torch.inference_mode():
+            model(torch.tensor([(r.prompt_ids + r.tokens)[:n]]), cache=alone)
+        torch.testing.assert_close(k[:, :, :n], alone.k[:, 0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v[:, :, :n], alone.v[:, 0], rtol=1e-5, atol=1e-5)
     for p, m, r in zip(prompts, budgets, reqs):
         assert r.tokens == reference(model, tokenizer, p, SamplingConfig(max_tokens=m, temperature=0.0))
 
