@@ -121,6 +121,17 @@ def test_decode_step_computes_the_model_forward_for_one_row_and_for_several(fami
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
+@pytest.mark.parametrize("onednn, linear, wins", [(1.05, 1.0, True), (0.9, 1.0, True), (1.2, 1.0, False)])
+def test_several_rows_keep_onednn_unless_mkl_is_clearly_faster(onednn, linear, wins, monkeypatch):
+    """A near tie timed cold goes to oneDNN (faster inside a decode step); MKL only when >10% faster."""
+    import jojo.infer.batch as batch
+
+    monkeypatch.setattr(batch, "time_turns", lambda runs, reps, before: {"onednn": onednn, "linear": linear})
+    w = torch.randn(16, 8)
+    assert batch._onednn_wins([(w, torch.ops.mkldnn._reorder_linear_weight(w, 2))], 2, lambda: None) is wins
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
 def test_fused_gelu_is_gpt2s_tanh_gelu():
     """The batched decode step of a gpt2 runs its first MLP product and GELU as one oneDNN kernel: GPT-2's tanh
     approximation (GeluMLP's), not the erf GELU, on activations where the two differ."""
@@ -170,12 +181,12 @@ def test_a_burst_of_prompts_is_prefilled_together_and_decodes_as_each_alone(fami
     assert passes[1] == (4, 3) and reqs[2].finish_reason == "length" and len(reqs[2].tokens) == 1
     assert engine._running == [reqs[0], reqs[1], reqs[3]] and [r._row for r in engine._running] == [0, 1, 2]
     assert engine._prefilling is reqs[4] and reqs[4]._row == 3  # moved down into the row the third left
-    rows = [(r, r._row, r._cached, engine.cache.k[:, r._row].clone(), engine.cache.v[:, r._row].clone())
+    rows = [(r, r._cached, engine.cache.k[:, r._row].clone(), engine.cache.v[:, r._row].clone())
             for r in [*engine._running, engine._prefilling]]  # fmt: skip
     engine.run_until_done(reqs)
     assert passes[2] == (1, 1)
     # each row's cache holds the keys and values its tokens have alone, at their own positions
-    for r, row, n, k, v in rows:
+    for r, n, k, v in rows:
         alone = model.new_cache(1, n)
         with torch.inference_mode():
             model(torch.tensor([(r.prompt_ids + r.tokens)[:n]]), cache=alone)

@@ -344,7 +344,11 @@ class BatchDecodeSwiGLU(DecodeSwiGLU):
 def _onednn_wins(pairs: list[tuple[torch.Tensor, torch.Tensor]], rows: int, evict) -> bool:
     """Whether oneDNN on the packed copies beats `F.linear` for `rows` rows, timed on all the (weight, packed)
     pairs of one shape in turn, each pass after `evict()`: as a decode step finds them (timed warm on one weight,
-    MKL won 1536x384 in a process started alone: 6 of the 25 products of its 8-row steps took 81 us, not ~45)."""
+    MKL won 1536x384 in a process started alone: 6 of the 25 products of its 8-row steps took 81 us, not ~45).
+
+    Within 10%, oneDNN: timed cold, gpt2's 384x384 attention output came out a tie (MKL ahead by 2-3% at every
+    load), but inside the 8-row decode step, where part of the weights is still in the cache, MKL took 84 us a
+    call and oneDNN about half: the step was 5% faster with oneDNN (BENCHMARKS.md, session 9)."""
     x = torch.randn(rows, 1, pairs[0][0].shape[1])
     runs = {
         "onednn": lambda: [onednn_linear(x, packed, None) for _, packed in pairs],
@@ -352,7 +356,7 @@ def _onednn_wins(pairs: list[tuple[torch.Tensor, torch.Tensor]], rows: int, evic
     }
     with torch.inference_mode():
         times = time_turns(runs, reps=9, before=evict)
-    return times["onednn"] < times["linear"]
+    return times["onednn"] < 1.1 * times["linear"]
 
 
 def convert_for_batches(model: GPT, rows: int, kernel: str = "auto") -> GPT:
