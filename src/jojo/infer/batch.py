@@ -90,6 +90,7 @@ from jojo.infer.decode import (
     time_turns,
 )
 from jojo.infer.engine import SamplingConfig, StopMatcher, pick, process_logits
+from jojo.infer.native import decode_attention
 from jojo.model import GPT
 from jojo.tokenizer import byte_level_alphabet
 
@@ -438,7 +439,10 @@ class BatchEngine:
             raise JojoError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
         self.model = convert_for_batches(convert_for_decoding(model), max_batch) if convert else model
         self.model.eval()
-        self._decode_step = DecodeStep(self.model)  # the forward of a decode step, without the module machinery
+        p = model.wte.weight
+        # several rows' attention in C where it builds (jojo.infer.native), else PyTorch's with a mask
+        self._attend = decode_attention() if p.device.type == "cpu" and p.dtype == torch.float32 else None
+        self._decode_step = DecodeStep(self.model, self._attend)  # a decode step without the module machinery
         self.tok = tokenizer
         self.cfg = model.config
         self.block = self.cfg.block_size
@@ -447,7 +451,6 @@ class BatchEngine:
         self.text_stop_ids = frozenset({tokenizer.eot_id})
         self._token_bytes = _token_bytes(tokenizer)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
-        p = model.wte.weight
         self.device = p.device
         self.cache = BatchKVCache(self.cfg, max_batch, self.block, p.device, p.dtype)
         self._arange = torch.arange(self.block, device=self.device)
@@ -764,15 +767,18 @@ class BatchEngine:
             self.cache.plan_prefill(0, pos_list[0], 1)
         else:
             self.cache.plan_decode(pos, span)
-        # One row: no mask, its whole cache is visible (generate_stream's decode step, bit for bit). Several: an
-        # additive mask (0 where row b may look, -inf past its position), made once here rather than converted
-        # from a boolean one by every layer's attention (the same numbers: SDPA turns a boolean mask into this).
-        mask = None
-        if B > 1:
+        # One row: no mask, its whole cache is visible (generate_stream's decode step, bit for bit). Several: each
+        # row's length for the C attention, or an additive mask (0 where row b may look, -inf past its position),
+        # made once here rather than converted from a boolean one by every layer's attention (the same numbers:
+        # SDPA turns a boolean mask into this).
+        mask = lengths = None
+        if B > 1 and self._attend is not None:
+            lengths = pos + 1
+        elif B > 1:
             hidden = (self._arange[:span].view(1, span) > pos.view(B, 1)).view(B, 1, 1, span)
             mask = torch.zeros(B, 1, 1, span, dtype=self.cache.k.dtype, device=self.device)
             mask.masked_fill_(hidden, float("-inf"))
-        logits = self._decode_step(tokens, pos.view(B, 1), self.cache, mask)
+        logits = self._decode_step(tokens, pos.view(B, 1), self.cache, mask, lengths)
         for r in rows:
             r._cached += 1
         picked = self._sample_rows(logits[:, -1], rows)

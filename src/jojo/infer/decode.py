@@ -319,11 +319,14 @@ class DecodeStep:
 
     idx: [B, 1] token ids; pos: [B, 1] their positions; cache: a `KVCache` or the batched engine's cache
     (anything with `store(layer, k, v)` and `advance(n)`); mask: None (every stored key is seen) or [B, 1, 1, S]
-    over the keys `store` returns. Returns logits [B, 1, V]."""
+    over the keys `store` returns; or, instead of a mask, lengths: int64 [B], row b sees its first lengths[b]
+    keys, through `attend` (`jojo.infer.native.decode_attention()`, given at construction). Returns logits
+    [B, 1, V]."""
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: GPT, attend: Callable | None = None):
         cfg = model.config
         self.model = model
+        self.attend = attend
         self.H, self.KV, self.D, self.C = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_embd
         self.rope, self.gqa = model.wpe is None, cfg.n_kv_head != cfg.n_head
         # each block's parts as plain functions, for one row ([0]) and for several ([1]); kernels resolved now
@@ -343,7 +346,7 @@ class DecodeStep:
         self.norm_f = _norm(model.norm_f)
         self.head = [_product(model.lm_head, several) for several in (False, True)]
 
-    def __call__(self, idx, pos, cache, mask=None) -> torch.Tensor:
+    def __call__(self, idx, pos, cache, mask=None, lengths=None) -> torch.Tensor:
         m, H, KV, D = self.model, self.H, self.KV, self.D
         B = idx.shape[0]
         x = F.embedding(idx, m.wte.weight)
@@ -361,8 +364,12 @@ class DecodeStep:
             else:
                 q, k, v = qkv.split([H, KV, KV], dim=1)
             k, v = cache.store(i, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
-            x = x + proj(y.transpose(1, 2).reshape(B, 1, self.C))
+            if lengths is not None:
+                y = self.attend(q, k, v, lengths)  # [B, 1, C]
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
+                y = y.transpose(1, 2).reshape(B, 1, self.C)
+            x = x + proj(y)
             x = x + mlp(norm2(x))
         cache.advance(1)
         return self.head[B > 1](self.norm_f(x))

@@ -1,0 +1,203 @@
+"""Attention for a batched decoding step in C, compiled on this machine the first time it is needed.
+
+A batched decode step attends each row's one new query to that row's cached keys and values: rows x heads dot
+products and weighted sums over a few hundred positions, which only read memory. PyTorch's CPU
+`scaled_dot_product_attention` takes 1.5-1.6 ms for the 6 layers of an 8-row step of the gpt2 6x384 benchmark
+model (~160 positions a row) where just reading those keys and values takes 0.8-1.0 ms; the loop below, one pass
+over each row's keys and one over its values, takes 1.0 ms: 10% of the whole 8-row step (BENCHMARKS.md, session 9).
+
+    out[b, h] = sum_j softmax_j(q[b, h] . k[b, g, j] * scale) v[b, g, j]    for j < lengths[b], g = h // (H / KV)
+
+Each row attends to its own first lengths[b] positions, so no mask is built or read; grouped-query attention
+reads a key/value head once per query head that shares it.
+
+Built with the system's C compiler (`$CC`, else `cc`): `-O3 -march=native -ffast-math -fopenmp`, into
+`~/.cache/jojo/kernels/` (or `$XDG_CACHE_HOME/jojo/kernels/`), named by a hash of the source, the flags and the
+CPU, so a home directory shared between different machines gets one build per CPU. `-ffast-math` is given to
+the compile step only (at link time it would set flush-to-zero for the whole process); the OpenMP parallel loop
+runs on the OpenMP runtime PyTorch has already loaded (the same `libgomp.so.1`), with PyTorch's thread count.
+Anything missing (no compiler, no OpenMP, another OS) or a result that disagrees with PyTorch's attention on a
+check at load: `decode_attention()` returns None and the engine keeps PyTorch's attention. `JOJO_NATIVE=0` turns
+it off. Only the batched engine's steps of several rows use it; a lone row keeps PyTorch's attention, so its
+tokens stay those of `generate_stream` bit for bit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("jojo.infer.native")
+
+SOURCE = r"""
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+/* q[b, h, :] at q + b*q_row + h*q_head; k and v[b, g, j, :] at k + b*kv_row + g*kv_head + j*D (rows of D floats);
+   out [B, H, D] contiguous. Row b attends to positions 0 .. min(lengths[b], span) - 1. */
+void decode_attention(const float *q, int64_t q_row, int64_t q_head, const float *k, const float *v,
+                      int64_t kv_row, int64_t kv_head, const int64_t *lengths, int64_t span, float *out,
+                      int B, int H, int KV, int D, float scale, int threads)
+{
+    int group = H / KV;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < B * H; t++) {
+        int b = t / H, h = t % H;
+        int64_t n = lengths[b] < span ? lengths[b] : span;
+        const float *qp = q + b * q_row + h * q_head;
+        const float *kp = k + b * kv_row + (h / group) * kv_head;
+        const float *vp = v + b * kv_row + (h / group) * kv_head;
+        float on_stack[2048];
+        float *s = n <= 2048 ? on_stack : malloc(n * sizeof(float));
+        float *o = out + (int64_t)t * D;
+        if (s == NULL || n < 1) {  /* no memory, or nothing to attend to: zeros (the caller never asks for it) */
+            for (int d = 0; d < D; d++)
+                o[d] = 0.f;
+            continue;
+        }
+        float top = -FLT_MAX;
+        for (int64_t j = 0; j < n; j++) {  /* scores, one pass over the keys */
+            const float *kj = kp + j * D;
+            float dot = 0.f;
+            for (int d = 0; d < D; d++)
+                dot += qp[d] * kj[d];
+            s[j] = dot * scale;
+            top = s[j] > top ? s[j] : top;
+        }
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; j++) {
+            s[j] = expf(s[j] - top);
+            sum += s[j];
+        }
+        for (int d = 0; d < D; d++)
+            o[d] = 0.f;
+        for (int64_t j = 0; j < n; j++) {  /* the weighted sum, one pass over the values */
+            const float *vj = vp + j * D;
+            float p = s[j];
+            for (int d = 0; d < D; d++)
+                o[d] += p * vj[d];
+        }
+        float inv = 1.f / sum;
+        for (int d = 0; d < D; d++)
+            o[d] *= inv;
+        if (s != on_stack)
+            free(s);
+    }
+}
+"""
+COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
+LINK_FLAGS = ["-shared", "-fopenmp"]
+
+
+def _cpu_key() -> str:
+    """What -march=native depends on: the CPU's model name and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        import platform
+
+        return platform.machine() + platform.processor()
+
+
+def _cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "jojo" / "kernels"
+
+
+def _build(cc: str) -> Path:
+    """Compile SOURCE into a shared library (or reuse an earlier build); raises on failure."""
+    key = hashlib.sha256("\0".join([SOURCE, cc, *COMPILE_FLAGS, *LINK_FLAGS, _cpu_key()]).encode()).hexdigest()
+    out_dir = _cache_dir()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        out_dir = Path(tempfile.gettempdir()) / "jojo-kernels"
+        out_dir.mkdir(parents=True, exist_ok=True)
+    lib = out_dir / f"decode_attention-{key[:16]}.so"
+    if lib.exists():
+        return lib
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # built aside, then renamed: two builds at once are safe
+        src, obj, so = Path(tmp) / "attn.c", Path(tmp) / "attn.o", Path(tmp) / "attn.so"
+        src.write_text(SOURCE)
+        subprocess.run([cc, *COMPILE_FLAGS, "-c", str(src), "-o", str(obj)], check=True, capture_output=True)
+        try:  # glibc's vector expf (libmvec), which -ffast-math lets the loop call; elsewhere plain libm
+            subprocess.run([cc, *LINK_FLAGS, str(obj), "-o", str(so), "-lmvec", "-lm"], check=True, capture_output=True)
+        except subprocess.CalledProcessError:
+            subprocess.run([cc, *LINK_FLAGS, str(obj), "-o", str(so), "-lm"], check=True, capture_output=True)
+        os.replace(so, lib)
+    return lib
+
+
+def _agrees_with_sdpa(attend) -> bool:
+    """A small case with grouped heads, strided views and rows of different lengths, against PyTorch."""
+    g = torch.Generator().manual_seed(0)
+    B, H, KV, D, span = 3, 4, 2, 16, 9
+    kc, vc = (torch.randn(B, KV, 12, D, generator=g) for _ in range(2))
+    q = torch.randn(B, 1, H + 2 * KV, D, generator=g).transpose(1, 2)[:, :H]  # a view, as the step makes it
+    k, v = kc[:, :, :span], vc[:, :, :span]
+    lengths = torch.tensor([5, 1, 9])
+    mask = (torch.arange(span).view(1, span) < lengths.view(B, 1)).view(B, 1, 1, span)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2).reshape(B, 1, -1)
+    return torch.allclose(attend(q, k, v, lengths), ref, rtol=1e-4, atol=1e-5)
+
+
+@functools.lru_cache(maxsize=1)
+def decode_attention() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """attend(q, k, v, lengths) -> [B, 1, H * D], or None where the kernel cannot be built or used (see the
+    module docstring). q: [B, H, 1, D]; k, v: [B, KV, S, D] views of a cache (positions contiguous, D floats
+    each); lengths: int64 [B], each row's number of positions to attend to (at most S). float32 on CPU."""
+    if os.environ.get("JOJO_NATIVE", "1") == "0":
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        log.info("no C compiler found: batched decoding uses PyTorch's attention")
+        return None
+    try:
+        fn = ctypes.CDLL(str(_build(cc))).decode_attention
+    except (OSError, subprocess.CalledProcessError) as exc:
+        err = getattr(exc, "stderr", b"") or b""
+        log.info("could not build the decode attention kernel (%s %s): using PyTorch's", exc, err.decode()[-300:])
+        return None
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    fn.restype = None
+    fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, i64, ptr, i32, i32, i32, i32, ctypes.c_float, i32]
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        B, H, _, D = q.shape
+        KV, span = k.shape[1], k.shape[2]
+        if not (
+            q.dtype == k.dtype == v.dtype == torch.float32
+            and q.device.type == k.device.type == v.device.type == lengths.device.type == "cpu"
+            and q.stride(-1) == 1
+            and k.stride()[2:] == v.stride()[2:] == (D, 1)
+            and k.stride()[:2] == v.stride()[:2]
+            and lengths.dtype == torch.int64
+            and lengths.is_contiguous()
+            and lengths.numel() == B
+        ):
+            raise ValueError(
+                "decode_attention: CPU float32 q [B, H, 1, D], k/v with contiguous rows, int64 lengths [B]"
+            )
+        out = q.new_empty(B, 1, H * D)
+        fn(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
+           lengths.data_ptr(), span, out.data_ptr(), B, H, KV, D, D**-0.5, torch.get_num_threads())  # fmt: skip
+        return out
+
+    if not _agrees_with_sdpa(attend):
+        log.warning("the decode attention kernel disagrees with PyTorch's attention on this machine: not used")
+        return None
+    return attend
