@@ -525,6 +525,8 @@ def test_cli_serve_rejects_a_missing_checkpoint_and_bad_flags(ckpt, tmp_path, ca
     assert "--max-batch" in capsys.readouterr().err
     assert main(["serve", str(ckpt), "--stream-chunk-rate", "-1"]) == 2
     assert "--stream-chunk-rate must be >= 0" in capsys.readouterr().err
+    assert main(["serve", str(ckpt), "--prefill-chunk", "0"]) == 2
+    assert "--prefill-chunk must be >= 1" in capsys.readouterr().err
 
 
 # ---- the chat page in headless Chromium ------------------------------------------------------------------
