@@ -167,7 +167,12 @@ def decode_attention() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, to
         log.info("no C compiler found: batched decoding uses PyTorch's attention")
         return None
     try:
-        fn = ctypes.CDLL(str(_build(cc))).decode_attention
+        lib = _build(cc)
+        try:
+            fn = ctypes.CDLL(str(lib)).decode_attention
+        except OSError:  # a damaged file from an earlier build: build it again, once
+            lib.unlink(missing_ok=True)
+            fn = ctypes.CDLL(str(_build(cc))).decode_attention
     except (OSError, subprocess.CalledProcessError) as exc:
         err = getattr(exc, "stderr", b"") or b""
         log.info("could not build the decode attention kernel (%s %s): using PyTorch's", exc, err.decode()[-300:])
