@@ -30,8 +30,10 @@ mixed prompt lengths and arrival times.
 
 Speed on CPU: the engine converts the model with `convert_for_decoding` (one-row kernels, for a lone row) and
 `convert_for_batches` (oneDNN on prepacked weights for several rows: batched steps and prompt chunks, where
-faster than MKL); both leave
-the architecture alone and make the model inference-only. The KV cache holds max_batch x context positions.
+faster than MKL); both leave the architecture alone and make the model inference-only. Several rows decoding
+together attend through `jojo.infer.native.decode_attention()` (a C loop built at first use, each row to its own
+length, no mask) where it builds, else through SDPA with the mask above. The KV cache holds max_batch x context
+positions.
 
 How to call it:
 
