@@ -47,6 +47,8 @@ def test_kernel_matches_pytorch_attention_on_the_engines_cache(heads, kv_heads, 
         torch.testing.assert_close(attend(q, k, v, lengths), ref.transpose(1, 2).reshape(5, 1, -1))
     with pytest.raises(ValueError, match="int64 lengths"):
         attend(q, k, v, lengths.int())
+    with pytest.raises(ValueError, match="k/v"):  # fewer cache rows than queries: refused, never read past
+        attend(q, k[:4], v[:4], lengths)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

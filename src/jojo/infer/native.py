@@ -195,6 +195,11 @@ def decode_attention() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, to
             q.dtype == k.dtype == v.dtype == torch.float32
             and q.device.type == k.device.type == v.device.type == lengths.device.type == "cpu"
             and q.stride(-1) == 1
+            and k.shape == v.shape
+            and k.shape[0] == B
+            and k.shape[3] == D
+            and KV >= 1
+            and H % KV == 0
             and k.stride()[2:] == v.stride()[2:] == (D, 1)
             and k.stride()[:2] == v.stride()[:2]
             and lengths.dtype == torch.int64
