@@ -29,7 +29,7 @@ def fresh_kernel(monkeypatch, tmp_path):
 
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler on this machine")
 @pytest.mark.parametrize("heads, kv_heads", [(6, 6), (6, 2)])
-def test_kernel_matches_pytorch_attention_on_the_engines_cache(heads, kv_heads, fresh_kernel, tmp_path):
+def test_kernel_stores_the_new_keys_and_attends_as_pytorch_does(heads, kv_heads, fresh_kernel, tmp_path):
     attend = native.decode_attention()
     assert attend is not None and list((tmp_path / "jojo" / "kernels").glob("decode_attention-*.so"))
     torch.manual_seed(0)
@@ -39,16 +39,24 @@ def test_kernel_matches_pytorch_attention_on_the_engines_cache(heads, kv_heads, 
     D = cfg.head_dim
     lengths = torch.tensor([1, 17, 40, 3, 33])  # rows at their own positions, one that sees a single key
     span = int(lengths.max())
+    cache.plan_decode(lengths - 1, span)
     for layer in range(cfg.n_layer):
-        k, v = cache.k[layer, :, :, :span], cache.v[layer, :, :, :span]  # strided views, as `store` returns
-        q = torch.randn(5, 1, heads + 2 * kv_heads, D).transpose(1, 2)[:, :heads]
+        before_k, before_v = cache.k[layer].clone(), cache.v[layer].clone()
+        qkv = torch.randn(5, 1, heads + 2 * kv_heads, D).transpose(1, 2)  # views, as DecodeStep makes them
+        q, k_new, v_new = qkv.split([heads, kv_heads, kv_heads], dim=1)
+        out = attend(q, k_new, v_new, *cache.decode_rows(layer), lengths)
+        k, v = before_k[:, :, :span], before_v[:, :, :span]
+        for b, n in enumerate(lengths.tolist()):
+            k[b, :, n - 1], v[b, :, n - 1] = k_new[b, :, 0], v_new[b, :, 0]
+        assert torch.equal(cache.k[layer], before_k) and torch.equal(cache.v[layer], before_v)  # only those moved
         mask = (torch.arange(span).view(1, span) < lengths.view(5, 1)).view(5, 1, 1, span)
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
-        torch.testing.assert_close(attend(q, k, v, lengths), ref.transpose(1, 2).reshape(5, 1, -1))
+        torch.testing.assert_close(out, ref.transpose(1, 2).reshape(5, 1, -1))
     with pytest.raises(ValueError, match="int64 lengths"):
-        attend(q, k, v, lengths.int())
+        attend(q, k_new, v_new, *cache.decode_rows(0), lengths.int())
+    k, v = cache.decode_rows(0)
     with pytest.raises(ValueError, match="k/v"):  # fewer cache rows than queries: refused, never read past
-        attend(q, k[:4], v[:4], lengths)
+        attend(q, k_new, v_new, k[:4], v[:4], lengths)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -177,6 +177,14 @@ class BatchKVCache:
         v_all = self._v_layers[layer].narrow(0, 0, B)
         return k_all.narrow(2, 0, span), v_all.narrow(2, 0, span)
 
+    def decode_rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The planned decode step's keys and values of `layer`, rows 0..B-1 over positions 0..span-1, without
+        storing anything: for a caller that writes the new ones itself (`jojo.infer.native.decode_attention`)."""
+        _, B, _, span = self._plan
+        k_all = self._k_layers[layer].narrow(0, 0, B)
+        v_all = self._v_layers[layer].narrow(0, 0, B)
+        return k_all.narrow(2, 0, span), v_all.narrow(2, 0, span)
+
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of row src into row dst (every layer)."""
         if length:

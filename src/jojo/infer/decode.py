@@ -320,7 +320,8 @@ class DecodeStep:
     idx: [B, 1] token ids; pos: [B, 1] their positions; cache: a `KVCache` or the batched engine's cache
     (anything with `store(layer, k, v)` and `advance(n)`); mask: None (every stored key is seen) or [B, 1, 1, S]
     over the keys `store` returns; or, instead of a mask, lengths: int64 [B], row b sees its first lengths[b]
-    keys, through `attend` (`jojo.infer.native.decode_attention()`, given at construction). Returns logits
+    keys, through `attend` (`jojo.infer.native.decode_attention()`, given at construction), which also stores the
+    new keys into the planned decode rows of the batched cache (`cache.decode_rows(layer)`). Returns logits
     [B, 1, V]."""
 
     def __init__(self, model: GPT, attend: Callable | None = None):
@@ -363,10 +364,10 @@ class DecodeStep:
                 v = qkv[:, H + KV :]
             else:
                 q, k, v = qkv.split([H, KV, KV], dim=1)
-            k, v = cache.store(i, k, v)
-            if lengths is not None:
-                y = self.attend(q, k, v, lengths)  # [B, 1, C]
+            if lengths is not None:  # the C kernel stores the new keys and values itself, then attends
+                y = self.attend(q, k, v, *cache.decode_rows(i), lengths)  # [B, 1, C]
             else:
+                k, v = cache.store(i, k, v)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
                 y = y.transpose(1, 2).reshape(B, 1, self.C)
             x = x + proj(y)
