@@ -139,13 +139,16 @@ class BatchKVCache:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
         self._plan = ("rows", row, starts, lengths, width, end)
 
-    def plan_decode(self, positions: torch.Tensor, span: int) -> None:
-        """positions: [B] (long, on the cache's device), the position of each row's new token; span = max + 1."""
+    def plan_decode(self, positions: torch.Tensor, span: int, stores: bool = True) -> None:
+        """positions: [B] (long, on the cache's device), the position of each row's new token; span = max + 1.
+        stores False: the new keys are written by the caller (`decode_rows`), not by `store`, which needs no index."""
         B = positions.shape[0]
-        kv, length = self.k.shape[2], self.max_len
-        # flat row of (row b, head h, position positions[b]) = (b * kv + h) * max_len + positions[b]
-        heads = torch.arange(B * kv, device=positions.device).view(B, kv)
-        index = (heads * length + positions.view(B, 1)).reshape(-1)
+        index = None
+        if stores:
+            kv, length = self.k.shape[2], self.max_len
+            # flat row of (row b, head h, position positions[b]) = (b * kv + h) * max_len + positions[b]
+            heads = torch.arange(B * kv, device=positions.device).view(B, kv)
+            index = (heads * length + positions.view(B, 1)).reshape(-1)
         self._plan = ("decode", B, index, span)
 
     def advance(self, n: int) -> None:
@@ -773,18 +776,18 @@ class BatchEngine:
         pos_list = [r._cached for r in rows]
         pos = torch.tensor(pos_list, device=self.device)
         span = max(pos_list) + 1
-        if B == 1:  # one row: the same writes as generate_stream's KVCache
+        # One row: the same writes as generate_stream's KVCache and no mask, its whole cache is visible (its decode
+        # step, bit for bit). Several: each row's length for the C attention (which writes the new keys itself), or
+        # an additive mask (0 where row b may look, -inf past its position), made once here rather than converted
+        # from a boolean one by every layer's attention (the same numbers: SDPA turns a boolean mask into this).
+        mask = lengths = None
+        if B == 1:
             self.cache.plan_prefill(0, pos_list[0], 1)
+        elif self._attend is not None:
+            self.cache.plan_decode(pos, span, stores=False)
+            lengths = pos + 1
         else:
             self.cache.plan_decode(pos, span)
-        # One row: no mask, its whole cache is visible (generate_stream's decode step, bit for bit). Several: each
-        # row's length for the C attention, or an additive mask (0 where row b may look, -inf past its position),
-        # made once here rather than converted from a boolean one by every layer's attention (the same numbers:
-        # SDPA turns a boolean mask into this).
-        mask = lengths = None
-        if B > 1 and self._attend is not None:
-            lengths = pos + 1
-        elif B > 1:
             hidden = (self._arange[:span].view(1, span) > pos.view(B, 1)).view(B, 1, 1, span)
             mask = torch.zeros(B, 1, 1, span, dtype=self.cache.k.dtype, device=self.device)
             mask.masked_fill_(hidden, float("-inf"))
